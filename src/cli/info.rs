@@ -1,0 +1,174 @@
+//! `ubd info`: what an image is, where its data lives, and whether its backing
+//! file still matches.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::Serialize;
+use ubd::image::{BackingState, CowImage, Image, RawImage};
+
+use super::units::format_size;
+use super::{Outcome, Output};
+
+/// Show what an overlay or raw image holds.
+///
+/// For an overlay: its format version, the backing file it names (the file
+/// that will be read for unwritten sectors) with the size and mtime recorded
+/// for it, whether the file on disk still matches them, the layout (sector
+/// size, alignment, bitmap and data offsets), how many sectors the overlay
+/// holds, and how much disk space it takes. A file without COW magic is
+/// reported as a raw image.
+///
+/// Example:
+///   ubd info overlay.cow
+///   ubd info --output json overlay.cow
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Check this file as the backing file instead of the one the header names
+    /// (for a backing file that has moved).
+    #[arg(short, long, value_name = "PATH")]
+    backing: Option<PathBuf>,
+    /// Report as text or JSON.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    /// The overlay or image to inspect.
+    file: PathBuf,
+}
+
+/// Everything `info` reports, as its JSON shows it.
+#[derive(Debug, Serialize)]
+struct Report {
+    filename: String,
+    /// `cow` or `raw`.
+    format: &'static str,
+    /// Device capacity in bytes.
+    virtual_size: u64,
+    file_length: u64,
+    /// Bytes allocated on disk.
+    actual_size: u64,
+    #[serde(flatten)]
+    cow: Option<CowReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct CowReport {
+    version: u32,
+    /// `v1`, `v2`, `v3` or `broken v3`.
+    layout: &'static str,
+    magic_byte_order: &'static str,
+    backing_file: String,
+    backing_size: u64,
+    backing_mtime: u32,
+    sector_size: u32,
+    alignment: u32,
+    bitmap_offset: u64,
+    bitmap_length: u64,
+    data_offset: u64,
+    sectors_present: u64,
+    sectors_total: u64,
+    backing_matches: bool,
+    backing_problem: Option<String>,
+}
+
+fn raw_report(raw: &RawImage) -> Report {
+    Report {
+        filename: raw.path.to_string_lossy().into_owned(),
+        format: "raw",
+        virtual_size: raw.len,
+        file_length: raw.len,
+        actual_size: raw.allocated,
+        cow: None,
+    }
+}
+
+fn cow_report(cow: &CowImage, backing: Option<&Path>) -> Result<Report, ubd::image::ImageError> {
+    let scan = cow.scan_bitmap()?;
+    let (h, g) = (&cow.header, &cow.geometry);
+    let backing_path = cow.backing_path(backing);
+    let state = BackingState::of(h, backing_path);
+    Ok(Report {
+        filename: cow.path.to_string_lossy().into_owned(),
+        format: "cow",
+        virtual_size: g.capacity(),
+        file_length: cow.file_len,
+        actual_size: cow.allocated,
+        cow: Some(CowReport {
+            version: h.version.number(),
+            layout: h.version.name(),
+            magic_byte_order: h.magic_order.name(),
+            backing_file: backing_path.to_string_lossy().into_owned(),
+            backing_size: h.size,
+            backing_mtime: h.mtime,
+            sector_size: h.sector_size,
+            alignment: h.alignment,
+            bitmap_offset: g.bitmap_offset,
+            bitmap_length: g.bitmap_len,
+            data_offset: g.data_offset,
+            sectors_present: scan.present,
+            sectors_total: g.sectors,
+            backing_matches: state == BackingState::Matches,
+            backing_problem: state.problem(h, backing_path),
+        }),
+    })
+}
+
+fn sized(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", format_size(bytes))
+}
+
+fn print_human(r: &Report) {
+    println!("image: {}", r.filename);
+    match &r.cow {
+        None => println!("format: raw (no COW magic: a plain disk image)"),
+        Some(c) => println!(
+            "format: UML COW {} (magic {})",
+            c.layout, c.magic_byte_order
+        ),
+    }
+    println!("virtual size: {}", sized(r.virtual_size));
+    if let Some(c) = &r.cow {
+        let when = humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + Duration::from_secs(u64::from(c.backing_mtime)),
+        );
+        println!("backing file: {}", c.backing_file);
+        println!("backing size: {}", sized(c.backing_size));
+        println!("backing mtime: {when} ({})", c.backing_mtime);
+        match &c.backing_problem {
+            None => println!("backing on disk: matches"),
+            Some(problem) => println!("backing on disk: DOES NOT MATCH: {problem}"),
+        }
+        println!("sector size: {}", c.sector_size);
+        println!("alignment: {}", c.alignment);
+        println!(
+            "bitmap: {} bytes at offset {}",
+            c.bitmap_length, c.bitmap_offset
+        );
+        println!("data offset: {}", c.data_offset);
+        let share = if c.sectors_total == 0 {
+            0.0
+        } else {
+            100.0 * c.sectors_present as f64 / c.sectors_total as f64
+        };
+        println!(
+            "sectors present: {} of {} ({share:.1}%, {})",
+            c.sectors_present,
+            c.sectors_total,
+            format_size(c.sectors_present * 512)
+        );
+    }
+    println!("file length: {}", sized(r.file_length));
+    println!("disk size: {}", sized(r.actual_size));
+}
+
+pub fn run(args: Args) -> Outcome {
+    let report = match Image::probe(&args.file)? {
+        Image::Raw(raw) => raw_report(&raw),
+        Image::Cow(cow) => cow_report(&cow, args.backing.as_deref())?,
+    };
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human => print_human(&report),
+    }
+    Ok(0)
+}

@@ -1,0 +1,20 @@
+//! The `ubd` command line: one module per verb.
+
+pub mod check;
+pub mod create;
+pub mod info;
+pub mod units;
+
+use clap::ValueEnum;
+
+/// How a verb reports: for people or for programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Output {
+    #[default]
+    Human,
+    Json,
+}
+
+/// What a verb returns: its exit code, or an error that becomes one line on
+/// stderr and exit code 1.
+pub type Outcome = Result<u8, Box<dyn std::error::Error>>;

@@ -1,0 +1,206 @@
+//! Image files on disk: telling an overlay from a raw image, reading an
+//! overlay's header and bitmap, checking its backing file, creating new images,
+//! and the OFD locks that keep two users off one overlay.
+//!
+//! Keeps the user-visible contract that the backing file is only ever opened
+//! read-only here, and that `create` never leaves an old bitmap under a new
+//! header.
+
+mod backing;
+mod create;
+mod lock;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use ubd_cow::{Bitmap, CowError, Geometry, Header, MAX_HEADER_SIZE};
+
+pub use backing::{BackingState, Stamp, resolve, stamp};
+pub use create::{create_overlay, create_raw};
+pub use lock::{LockKind, lock};
+
+/// What can go wrong with an image file. Every variant names the file.
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("{}: {op}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}", path.display())]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: CowError,
+    },
+    #[error("{} already exists (pass --force to replace it)", path.display())]
+    Exists { path: PathBuf },
+    #[error("{} is in use: {}", path.display(), match holder {
+        Some(pid) => format!("process {pid} holds a lock on it"),
+        None => "another process holds a lock on it".to_string(),
+    })]
+    Locked { path: PathBuf, holder: Option<i32> },
+    #[error("refusing to create {} over itself: it is the backing file {}", cow.display(), backing.display())]
+    SameFile { cow: PathBuf, backing: PathBuf },
+    #[error("{}: mtime {mtime} does not fit the COW format's 32-bit field (touch the file to give it a current mtime)", path.display())]
+    MtimeOutOfRange { path: PathBuf, mtime: i64 },
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; returns the
+/// number of bytes read.
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// An image file as found on disk.
+#[derive(Debug)]
+pub enum Image {
+    Cow(CowImage),
+    Raw(RawImage),
+}
+
+/// A file without COW magic: a raw disk image.
+#[derive(Debug)]
+pub struct RawImage {
+    pub path: PathBuf,
+    /// Length in bytes: the device's capacity.
+    pub len: u64,
+    /// Bytes allocated on disk.
+    pub allocated: u64,
+}
+
+/// A UML COW overlay, opened read-only for inspection.
+#[derive(Debug)]
+pub struct CowImage {
+    pub path: PathBuf,
+    pub header: Header,
+    pub geometry: Geometry,
+    /// The file's length in bytes.
+    pub file_len: u64,
+    /// Bytes allocated on disk.
+    pub allocated: u64,
+    file: File,
+}
+
+/// What a pass over an overlay's bitmap found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapScan {
+    /// Sectors marked present.
+    pub present: u64,
+    /// Bits set past the last sector.
+    pub stray: u64,
+}
+
+impl Image {
+    /// Opens `path` read-only and tells an overlay from a raw image. A file
+    /// with COW magic but a bad header is an error, not a raw image.
+    pub fn probe(path: &Path) -> Result<Image, ImageError> {
+        let io_err = |op, source| ImageError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        };
+        let file = File::open(path).map_err(|e| io_err("cannot open", e))?;
+        let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
+        let mut buf = vec![0u8; MAX_HEADER_SIZE];
+        let n =
+            read_full_at(&file, &mut buf, 0).map_err(|e| io_err("cannot read the header", e))?;
+        let allocated = meta.blocks() * 512;
+        match Header::parse(&buf[..n]) {
+            Ok(header) => {
+                let geometry = Geometry::new(&header).map_err(|source| ImageError::Format {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Ok(Image::Cow(CowImage {
+                    path: path.to_path_buf(),
+                    header,
+                    geometry,
+                    file_len: meta.len(),
+                    allocated,
+                    file,
+                }))
+            }
+            Err(CowError::NotCow) => Ok(Image::Raw(RawImage {
+                path: path.to_path_buf(),
+                len: backing::stamp(path)?.size,
+                allocated,
+            })),
+            Err(source) => Err(ImageError::Format {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+impl CowImage {
+    /// The backing file to use: `override_path` if given (as UML's second
+    /// name), else the header's path.
+    pub fn backing_path<'a>(&'a self, override_path: Option<&'a Path>) -> &'a Path {
+        override_path.unwrap_or(&self.header.backing_file)
+    }
+
+    /// Checks that the file holds at least its header and bitmap.
+    pub fn check_len(&self) -> Result<(), ImageError> {
+        self.geometry
+            .check_file_len(self.file_len)
+            .map_err(|source| ImageError::Format {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Reads the whole bitmap, a chunk at a time, and counts what it holds.
+    pub fn scan_bitmap(&self) -> Result<BitmapScan, ImageError> {
+        self.check_len()?;
+        const CHUNK: u64 = 1 << 20;
+        let g = &self.geometry;
+        let mut buf = vec![0u8; CHUNK.min(g.bitmap_len) as usize];
+        let mut scan = BitmapScan {
+            present: 0,
+            stray: 0,
+        };
+        let mut at = 0;
+        while at < g.bitmap_len {
+            let len = (g.bitmap_len - at).min(CHUNK) as usize;
+            let chunk = &mut buf[..len];
+            let n = read_full_at(&self.file, chunk, g.bitmap_offset + at).map_err(|source| {
+                ImageError::Io {
+                    path: self.path.clone(),
+                    op: "cannot read the bitmap",
+                    source,
+                }
+            })?;
+            if n < len {
+                return Err(ImageError::Format {
+                    path: self.path.clone(),
+                    source: CowError::FileTooShort {
+                        len: g.bitmap_offset + at + n as u64,
+                        data_offset: g.data_offset,
+                    },
+                });
+            }
+            let bits = g.mapped_sectors().saturating_sub(at * 8);
+            let bitmap = Bitmap::new(&chunk[..], bits);
+            scan.present += bitmap.count_present();
+            scan.stray += bitmap.stray_bits();
+            at += len as u64;
+        }
+        Ok(scan)
+    }
+}

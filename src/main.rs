@@ -1,0 +1,50 @@
+//! `ubd`: the command line of the user-mode block driver.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A user-mode block driver for UML copy-on-write overlays.
+///
+/// An overlay ("COW file", User-Mode Linux's format) records which 512-byte
+/// sectors of a read-only backing image have been written, and holds their new
+/// contents. `ubd` creates, inspects and checks overlays; UML, uml_mkcow and
+/// uml_moo read and write the same files.
+#[derive(Debug, Parser)]
+#[command(name = "ubd", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Create(cli::create::Args),
+    Info(cli::info::Args),
+    Check(cli::check::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Usage errors exit 1, so that `ubd check` keeps 2 and 3 for what it finds.
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let outcome = match cli.command {
+        Command::Create(args) => cli::create::run(args),
+        Command::Info(args) => cli::info::run(args),
+        Command::Check(args) => cli::check::run(args),
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("ubd: {}", ubd::error_chain(e.as_ref()));
+            ExitCode::from(1)
+        }
+    }
+}
