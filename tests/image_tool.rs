@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{output, run, tool, ubd};
+use common::{output, run, tool, ubd, ubd_info as info};
 use serde_json::Value;
 use ubd_cow::{ByteOrder, Geometry, Header, Version, legacy};
 
@@ -21,11 +21,6 @@ fn uml_mkcow(cow: &Path, backing: &Path) {
     run(Command::new(tool("uml_mkcow", "uml-utilities"))
         .arg(cow)
         .arg(backing));
-}
-
-fn info(path: &Path) -> Value {
-    let text = run(ubd().args(["info", "--output", "json"]).arg(path));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("info JSON {text:?}: {e}"))
 }
 
 /// The first `len` bytes of a file (fewer if it is shorter).
@@ -123,7 +118,9 @@ fn ubd_create_agrees_with_uml_mkcow() {
         assert_eq!(a, b, "size {size}");
         assert_eq!(
             a.backing_file,
-            fs::canonicalize(&real).unwrap().join(format!("base-{size}.img"))
+            fs::canonicalize(&real)
+                .unwrap()
+                .join(format!("base-{size}.img"))
         );
         assert_eq!(
             fs::metadata(&ours).unwrap().len(),
@@ -139,7 +136,10 @@ fn ubd_create_agrees_with_uml_mkcow() {
         assert!(x[end..].iter().all(|&b| b == 0));
         // Sparse: the data area takes no space.
         let used = std::os::unix::fs::MetadataExt::blocks(&fs::metadata(&ours).unwrap()) * 512;
-        assert!(used <= g.data_offset + 4096, "size {size}: {used} bytes used");
+        assert!(
+            used <= g.data_offset + 4096,
+            "size {size}: {used} bytes used"
+        );
     }
 }
 
@@ -168,10 +168,16 @@ fn old_layouts_are_read() {
             mtime,
             size,
             sector_size: 512,
-            alignment: if version == Version::V3Broken { 4096 } else { 512 },
+            alignment: if version == Version::V3Broken {
+                4096
+            } else {
+                512
+            },
             cow_format: 0,
         };
-        let cow = dir.path().join(format!("{}-{}.cow", version.name(), order.name()));
+        let cow = dir
+            .path()
+            .join(format!("{}-{}.cow", version.name(), order.name()));
         let mut bytes = legacy::encode(&header).unwrap();
         bytes.resize((data_offset + size) as usize, 0);
         fs::write(&cow, &bytes).unwrap();
@@ -203,7 +209,10 @@ fn create_refuses_an_existing_file_without_force() {
     let out = output(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
     assert_eq!(fs::read(&cow).unwrap(), b"precious");
     assert_eq!(fs::metadata(&cow).unwrap().modified().unwrap(), before);
     // Raw images too.
@@ -316,7 +325,10 @@ fn check_passes_a_clean_overlay_and_follows_a_moved_backing_file() {
     set_bits(&cow, &[0, 100]);
     let (code, line) = check(&cow, &[]);
     assert_eq!(code, 0, "{line}");
-    assert!(line.contains("clean") && line.contains("2 of 2048"), "{line}");
+    assert!(
+        line.contains("clean") && line.contains("2 of 2048"),
+        "{line}"
+    );
 
     // A rename keeps the mtime: the header's path no longer works, --backing does.
     let moved = dir.path().join("moved.img");
@@ -338,7 +350,9 @@ fn check_passes_a_clean_overlay_and_follows_a_moved_backing_file() {
 fn check_catches_a_changed_backing_mtime() {
     let dir = tempfile::tempdir().unwrap();
     let (base, cow) = fresh_pair(dir.path());
-    run(Command::new("touch").args(["-d", "2001-02-03 04:05:06"]).arg(&base));
+    run(Command::new("touch")
+        .args(["-d", "2001-02-03 04:05:06"])
+        .arg(&base));
     let (code, line) = check(&cow, &[]);
     assert_eq!(code, 3, "{line}");
     assert!(line.contains("mtime 981173106"), "{line}");
@@ -354,7 +368,10 @@ fn check_catches_a_changed_backing_size() {
     f.set_len(1 << 21).unwrap();
     let (code, line) = check(&cow, &[]);
     assert_eq!(code, 3, "{line}");
-    assert!(line.contains("2097152 bytes") && line.contains("1048576"), "{line}");
+    assert!(
+        line.contains("2097152 bytes") && line.contains("1048576"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -366,15 +383,24 @@ fn check_catches_a_truncated_overlay() {
     f.set_len(12_288 + 4096).unwrap();
     let (code, line) = check(&cow, &[]);
     assert_eq!(code, 2, "{line}");
-    assert!(line.contains("truncated") && line.contains("16384 bytes"), "{line}");
+    assert!(
+        line.contains("truncated") && line.contains("16384 bytes"),
+        "{line}"
+    );
     f.set_len(8192 + 10).unwrap();
     let (code, line) = check(&cow, &[]);
     assert_eq!(code, 2, "{line}");
-    assert!(line.contains("shorter than its data offset 12288"), "{line}");
+    assert!(
+        line.contains("shorter than its data offset 12288"),
+        "{line}"
+    );
     f.set_len(100).unwrap();
     let (code, line) = check(&cow, &[]);
     assert_eq!(code, 2, "{line}");
-    assert!(line.contains("corrupt header") && line.contains("4128"), "{line}");
+    assert!(
+        line.contains("corrupt header") && line.contains("4128"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -434,7 +460,10 @@ fn check_output_json_and_errors() {
     let out = output(ubd().arg("check").arg(&missing));
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("nope.cow") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("nope.cow") && err.contains("No such file"),
+        "{err}"
+    );
 }
 
 #[test]
