@@ -4,6 +4,8 @@
 //! Modules: [`image`] handles image files on disk (probing, headers, locks,
 //! creation). The on-disk format itself lives in the `ubd-cow` crate.
 
+pub mod device;
+pub mod engine;
 pub mod image;
 
 /// An error and its sources as one line: `outer: inner: innermost`.

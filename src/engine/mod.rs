@@ -1,0 +1,10 @@
+//! All of `ubd`'s `unsafe`: the io_uring ring and its op table, the buffer pool
+//! (mempool), and the ticket sequencer. Every unsafe block says which invariant
+//! of the design (docs/design.md) it relies on and who upholds it.
+
+pub mod aligned;
+pub mod bufpool;
+pub mod bufset;
+pub mod dio;
+pub mod ring;
+pub mod sequencer;

@@ -1,0 +1,694 @@
+//! One io_uring ring and the table of the ops it has in flight.
+//!
+//! A `Ring` belongs to the thread that made it (make it on the thread that
+//! uses it). Each op gets a slot in a preallocated op table; its `user_data` is
+//! the slot index plus a generation. Buffers live in the ring's buffer table:
+//! the owner attaches a request's buffer set to a buffer slot, ops name a
+//! segment and offset in it, and the set can be looked at or detached only
+//! while no op on it is in flight. So a buffer is owned by the ring from the
+//! first op's submission to the last op's terminal completion (invariants 1
+//! and 3: the kernel never writes into memory someone else owns or has freed).
+//! Short reads and writes are resubmitted for the rest inside the ring; only a
+//! terminal result reaches the caller. Nothing here allocates per op.
+//!
+//! Invariant 6: in-flight ops are bounded by the completion queue's size, so
+//! the CQ cannot overflow; a full submission queue or EBUSY/EAGAIN from
+//! `io_uring_enter` means reap first, then retry; an `enter` that failed is
+//! treated as "maybe submitted" (the SQEs stay in the ring and their slots stay
+//! owned). Dropping the ring drains every op first; if the drain cannot finish,
+//! the op table and the buffers in it are leaked rather than freed.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+/// A set of buffers (one or more segments) that ops read into or write from.
+///
+/// # Safety
+/// An implementation promises that each `segment(i)` for `i < segments()`
+/// is valid for reads and writes of its length for as long as the value lives,
+/// that the addresses do not change when the value is moved, that segments do
+/// not overlap, and that nothing else reads or writes that memory while the
+/// value is attached to a [`Ring`] with ops in flight.
+pub unsafe trait BufSet: Send {
+    fn segments(&self) -> usize;
+    /// Address and length of segment `i`.
+    fn segment(&self, i: usize) -> (*mut u8, usize);
+}
+
+/// Where an op's data is: a segment of the set attached at buffer slot `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufRef {
+    pub slot: u32,
+    pub segment: u32,
+    pub offset: usize,
+}
+
+/// What an op does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read `len` bytes at `offset` into the buffer at `buf_offset`. Stops short
+    /// only at end of file.
+    Read,
+    /// Write `len` bytes from the buffer at `buf_offset` to `offset`.
+    Write,
+    /// `fsync` (data and metadata).
+    Fsync,
+    /// `fdatasync`.
+    Fdatasync,
+    /// `fallocate(mode)` over `offset..offset + len`.
+    Fallocate { mode: i32 },
+    /// `posix_fadvise(advice)` over `offset..offset + len`.
+    Fadvise { advice: i32 },
+    /// Does nothing; completes at once.
+    Nop,
+}
+
+/// One op to hand to the kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct Op {
+    pub kind: OpKind,
+    /// Index of the file in the ring's file table.
+    pub file: usize,
+    pub offset: u64,
+    pub len: u64,
+    /// The data, for reads and writes.
+    pub buf: Option<BufRef>,
+    /// The caller's token, given back in the completion.
+    pub tag: u64,
+}
+
+/// The terminal result of an op.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub tag: u64,
+    /// Bytes transferred (reads: fewer than asked only at end of file), or the
+    /// errno.
+    pub result: Result<u64, i32>,
+    /// The op as it was pushed.
+    pub op: Op,
+}
+
+struct Slot {
+    op: Op,
+    /// Bytes already transferred by earlier submissions of this op.
+    done: u64,
+    retries: u8,
+    /// Set when the op could not be built; it then completes through a NOP.
+    error: Option<i32>,
+}
+
+/// `user_data` of the ring's own eventfd read.
+const WAKE_TAG: u64 = u64::MAX;
+/// An op that got -EAGAIN or -EINTR is tried again this many times.
+const MAX_RETRIES: u8 = 4;
+
+/// Wakes a ring's owner from [`Ring::run`] when it waits for completions.
+#[derive(Clone)]
+pub struct Waker {
+    fd: Arc<EventFd>,
+    sleeping: Arc<AtomicBool>,
+}
+
+impl Waker {
+    /// Wakes the ring if its owner is waiting (one `write(2)` then, none otherwise).
+    pub fn wake(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let _ = self.fd.write(1);
+        }
+    }
+}
+
+/// The ring, its op and buffer tables, and the files and buffer arena
+/// registered with it.
+pub struct Ring<B: BufSet> {
+    ring: IoUring,
+    slots: Vec<Option<Slot>>,
+    bufs: Vec<Option<B>>,
+    /// Ops in flight on each buffer slot.
+    busy: Vec<u32>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    in_flight: usize,
+    files: Vec<Arc<File>>,
+    fixed_files: bool,
+    /// The registered arena, as (start, len), if registration worked.
+    arena: Option<(usize, usize)>,
+    wake_fd: Arc<EventFd>,
+    sleeping: Arc<AtomicBool>,
+    /// The eventfd read's target; boxed so its address is stable.
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    /// Keeps the registered arena mapped; declared after `ring`, so it is
+    /// dropped after the ring (and after the drain in `Drop`).
+    _arena_owner: Option<Arc<dyn Send + Sync>>,
+}
+
+impl<B: BufSet> Ring<B> {
+    /// A ring for up to `depth` ops in flight over `files`, with `buf_slots`
+    /// buffer slots. `arena` is memory
+    /// that buffers usually live in (the pool), registered as fixed buffer 0;
+    /// `keep_arena` keeps it mapped for as long as the ring lives. Registration
+    /// that fails (RLIMIT_MEMLOCK, old kernel) falls back to plain ops.
+    pub fn new(
+        depth: u32,
+        buf_slots: usize,
+        files: Vec<Arc<File>>,
+        arena: Option<(*mut u8, usize, Arc<dyn Send + Sync>)>,
+    ) -> io::Result<Ring<B>> {
+        let depth = depth.clamp(2, 4096);
+        let ring = IoUring::builder().setup_cqsize(depth * 2).build(depth)?;
+        let sq = ring.params().sq_entries() as usize;
+        let cq = ring.params().cq_entries() as usize;
+        // Each slot has at most one SQE queued and one CQE pending, and one
+        // entry of each is kept for the eventfd read: so neither queue can
+        // overflow (invariant 6).
+        let capacity = sq.min(cq) - 1;
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let fixed_files = !fds.is_empty() && ring.submitter().register_files(&fds).is_ok();
+        let mut arena_owner = None;
+        let arena = arena.and_then(|(ptr, len, keep)| {
+            let iov = libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            };
+            // SAFETY: the arena is valid for `len` bytes and stays mapped while
+            // `keep` lives; the ring holds `keep` in `_arena_owner`, which is
+            // dropped only after the drain and after the ring itself.
+            let registered = unsafe { ring.submitter().register_buffers(&[iov]) };
+            registered.ok().map(|()| {
+                arena_owner = Some(keep);
+                (ptr as usize, len)
+            })
+        });
+        let wake_fd = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?);
+        let generations = vec![0; capacity];
+        let mut slots = Vec::with_capacity(capacity);
+        slots.resize_with(capacity, || None);
+        let mut bufs = Vec::with_capacity(buf_slots);
+        bufs.resize_with(buf_slots, || None);
+        Ok(Ring {
+            ring,
+            slots,
+            bufs,
+            busy: vec![0; buf_slots],
+            generations,
+            free: (0..capacity as u32).rev().collect(),
+            in_flight: 0,
+            files,
+            fixed_files,
+            arena,
+            wake_fd,
+            sleeping: Arc::new(AtomicBool::new(false)),
+            wake_buf: Box::new(0),
+            wake_armed: false,
+            _arena_owner: arena_owner,
+        })
+    }
+
+    /// A handle other threads use to wake this ring's owner.
+    pub fn waker(&self) -> Waker {
+        Waker {
+            fd: self.wake_fd.clone(),
+            sleeping: self.sleeping.clone(),
+        }
+    }
+
+    /// Ops in flight (pushed and not yet terminally completed).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// How many more ops can be pushed now.
+    pub fn room(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Whether files and the arena are registered (for stats and tests).
+    pub fn registered(&self) -> (bool, bool) {
+        (self.fixed_files, self.arena.is_some())
+    }
+
+    /// Attaches `buf` at buffer slot `slot`; gives it back if the slot is
+    /// taken or out of range.
+    pub fn attach(&mut self, slot: u32, buf: B) -> Result<(), B> {
+        match self.bufs.get_mut(slot as usize) {
+            Some(entry @ None) => {
+                *entry = Some(buf);
+                Ok(())
+            }
+            _ => Err(buf),
+        }
+    }
+
+    /// Takes the set at `slot` back; `None` while ops on it are in flight.
+    pub fn detach(&mut self, slot: u32) -> Option<B> {
+        if *self.busy.get(slot as usize)? > 0 {
+            return None;
+        }
+        self.bufs[slot as usize].take()
+    }
+
+    /// The set at `slot`, while no op on it is in flight.
+    pub fn buf(&self, slot: u32) -> Option<&B> {
+        (*self.busy.get(slot as usize)? == 0)
+            .then(|| self.bufs[slot as usize].as_ref())
+            .flatten()
+    }
+
+    /// The set at `slot`, mutably, while no op on it is in flight.
+    pub fn buf_mut(&mut self, slot: u32) -> Option<&mut B> {
+        (*self.busy.get(slot as usize)? == 0)
+            .then(|| self.bufs[slot as usize].as_mut())
+            .flatten()
+    }
+
+    /// Queues `op`. Gives it back when the op table is full: reap, then retry.
+    /// An op whose buffer or file is wrong completes with an error (EINVAL,
+    /// EFAULT, EBADF).
+    pub fn push(&mut self, op: Op) -> Result<(), Op> {
+        let Some(index) = self.free.pop() else {
+            return Err(op);
+        };
+        if let Some(r) = op.buf
+            && let Some(busy) = self.busy.get_mut(r.slot as usize)
+        {
+            *busy += 1;
+        }
+        self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
+        self.slots[index as usize] = Some(Slot {
+            op,
+            done: 0,
+            retries: 0,
+            error: None,
+        });
+        self.in_flight += 1;
+        self.queue_slot(index);
+        Ok(())
+    }
+
+    fn user_data(&self, index: u32) -> u64 {
+        (u64::from(self.generations[index as usize]) << 32) | u64::from(index)
+    }
+
+    /// Builds and pushes the SQE for slot `index` (its first or a resubmission).
+    fn queue_slot(&mut self, index: u32) {
+        let user_data = self.user_data(index);
+        let entry = match self.build(index) {
+            Ok(entry) => entry.user_data(user_data),
+            // Completes at once with the error, through a NOP.
+            Err(errno) => {
+                if let Some(slot) = self.slots[index as usize].as_mut() {
+                    slot.error = Some(errno);
+                }
+                opcode::Nop::new().build().user_data(user_data)
+            }
+        };
+        self.push_entry(&entry);
+    }
+
+    /// Pushes an SQE. The SQ has room for one SQE per slot plus the eventfd
+    /// read, and a slot queues its next SQE only after the previous one
+    /// completed, so the SQ is never full here.
+    fn push_entry(&mut self, entry: &squeue::Entry) {
+        loop {
+            // SAFETY: every buffer an SQE points at is owned by its op table slot
+            // (or is `wake_buf`, owned by the ring) until the terminal CQE, and
+            // the table is only freed after a full drain or leaked (invariants 1, 3).
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return;
+            }
+            // Not reached while the sizing above holds; if it were, submitting
+            // frees SQ space without waiting on completions.
+            let _ = self.enter(0);
+            std::thread::yield_now();
+        }
+    }
+
+    fn build(&self, index: u32) -> Result<squeue::Entry, i32> {
+        let slot = self.slots[index as usize].as_ref().ok_or(libc::EINVAL)?;
+        let op = &slot.op;
+        let file = self.files.get(op.file).ok_or(libc::EBADF)?;
+        let offset = op.offset + slot.done;
+        let entry = match op.kind {
+            OpKind::Read | OpKind::Write => {
+                let r = op.buf.ok_or(libc::EFAULT)?;
+                let set = self
+                    .bufs
+                    .get(r.slot as usize)
+                    .and_then(Option::as_ref)
+                    .ok_or(libc::EFAULT)?;
+                if r.segment as usize >= set.segments() {
+                    return Err(libc::EFAULT);
+                }
+                let (base, seg_len) = set.segment(r.segment as usize);
+                let end = (r.offset as u64).checked_add(op.len).ok_or(libc::EINVAL)?;
+                if end > seg_len as u64 {
+                    return Err(libc::EINVAL);
+                }
+                let remaining = u32::try_from(op.len - slot.done).map_err(|_| libc::EINVAL)?;
+                let start = r.offset + slot.done as usize;
+                // SAFETY: start + remaining <= seg_len (checked above), so the
+                // pointer stays inside the segment, which the ring's buffer
+                // table owns while this op is in flight.
+                let ptr = unsafe { base.add(start) };
+                let fixed = self
+                    .arena
+                    .filter(|&(base, len)| {
+                        let p = ptr as usize;
+                        p >= base && p + remaining as usize <= base + len
+                    })
+                    .is_some();
+                macro_rules! rw {
+                    ($fd:expr) => {
+                        match (op.kind, fixed) {
+                            (OpKind::Read, true) => opcode::ReadFixed::new($fd, ptr, remaining, 0)
+                                .offset(offset)
+                                .build(),
+                            (OpKind::Read, false) => opcode::Read::new($fd, ptr, remaining)
+                                .offset(offset)
+                                .build(),
+                            (_, true) => opcode::WriteFixed::new($fd, ptr, remaining, 0)
+                                .offset(offset)
+                                .build(),
+                            (_, false) => opcode::Write::new($fd, ptr, remaining)
+                                .offset(offset)
+                                .build(),
+                        }
+                    };
+                }
+                if self.fixed_files {
+                    rw!(types::Fixed(op.file as u32))
+                } else {
+                    rw!(types::Fd(file.as_raw_fd()))
+                }
+            }
+            kind => {
+                macro_rules! other {
+                    ($fd:expr) => {
+                        match kind {
+                            OpKind::Fsync => opcode::Fsync::new($fd).build(),
+                            OpKind::Fdatasync => opcode::Fsync::new($fd)
+                                .flags(types::FsyncFlags::DATASYNC)
+                                .build(),
+                            OpKind::Fallocate { mode } => opcode::Fallocate::new($fd, op.len)
+                                .offset(op.offset)
+                                .mode(mode)
+                                .build(),
+                            OpKind::Fadvise { advice } => {
+                                let len = i64::try_from(op.len).map_err(|_| libc::EINVAL)?;
+                                opcode::Fadvise::new($fd, len, advice)
+                                    .offset(op.offset)
+                                    .build()
+                            }
+                            _ => opcode::Nop::new().build(),
+                        }
+                    };
+                }
+                if self.fixed_files {
+                    other!(types::Fixed(op.file as u32))
+                } else {
+                    other!(types::Fd(file.as_raw_fd()))
+                }
+            }
+        };
+        Ok(entry)
+    }
+
+    /// `io_uring_enter`: submits what is queued and waits for `want` CQEs.
+    /// EINTR is retried; EBUSY/EAGAIN come back to the caller, who reaps and
+    /// retries. Queued SQEs stay owned either way.
+    fn enter(&mut self, want: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let ptr = (&mut *self.wake_buf as *mut u64).cast::<u8>();
+        let entry = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), ptr, 8)
+            .build()
+            .user_data(WAKE_TAG);
+        self.push_entry(&entry);
+        self.wake_armed = true;
+    }
+
+    /// Tells wakers that the owner is about to wait. The owner then checks
+    /// its work queue once more and calls `run(true)` only if it is empty; a
+    /// producer that queues work and then calls [`Waker::wake`] in between
+    /// finds the flag set and writes the eventfd, so no wake-up is lost.
+    pub fn announce_sleep(&self) {
+        self.sleeping.store(true, Ordering::SeqCst);
+    }
+
+    /// Submits what is queued, optionally waits until at least one op
+    /// completes (or a [`Waker`] wakes the ring), and hands every terminal
+    /// completion to `done`. Returns how many it handed over. A wait returns
+    /// at once if a waker fired since [`Ring::announce_sleep`].
+    pub fn run(&mut self, wait: bool, done: &mut impl FnMut(Completion)) -> io::Result<usize> {
+        let want = if wait {
+            self.arm_wake();
+            self.sleeping.store(true, Ordering::SeqCst);
+            1
+        } else {
+            0
+        };
+        let mut delivered = 0;
+        match self.enter(want) {
+            Ok(()) => {}
+            // Backpressure: reap below, and the caller calls again.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
+            Err(e) => {
+                self.sleeping.store(false, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+        loop {
+            let next = self.ring.completion().next();
+            let Some(cqe) = next else { break };
+            delivered += self.complete(cqe, done);
+        }
+        Ok(delivered)
+    }
+
+    fn complete(&mut self, cqe: cqueue::Entry, done: &mut impl FnMut(Completion)) -> usize {
+        let user_data = cqe.user_data();
+        if user_data == WAKE_TAG {
+            self.wake_armed = false;
+            return 0;
+        }
+        let index = (user_data & 0xFFFF_FFFF) as u32;
+        let generation = (user_data >> 32) as u32;
+        if self.generations.get(index as usize) != Some(&generation) {
+            return 0;
+        }
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return 0;
+        };
+        let res = cqe.result();
+        let transfer = matches!(slot.op.kind, OpKind::Read | OpKind::Write);
+        let outcome = if let Some(errno) = slot.error {
+            Err(errno)
+        } else if res == -libc::EAGAIN || res == -libc::EINTR {
+            slot.retries += 1;
+            if slot.retries <= MAX_RETRIES {
+                self.queue_slot(index);
+                return 0;
+            }
+            Err(-res)
+        } else if res < 0 {
+            Err(-res)
+        } else if transfer {
+            slot.done += res as u64;
+            let short = slot.done < slot.op.len;
+            match (slot.op.kind, res) {
+                // End of file: a read stops short.
+                (OpKind::Read, 0) => Ok(slot.done),
+                (OpKind::Write, 0) if short => Err(libc::EIO),
+                _ if short => {
+                    self.queue_slot(index);
+                    return 0;
+                }
+                _ => Ok(slot.done),
+            }
+        } else {
+            Ok(res as u64)
+        };
+        // Terminal: move the result out and free the slot before telling the
+        // owner (invariant 1: nothing here touches the op after `done`).
+        let slot = self.slots[index as usize].take();
+        self.free.push(index);
+        self.in_flight -= 1;
+        let Some(slot) = slot else {
+            return 0;
+        };
+        if let Some(r) = slot.op.buf
+            && let Some(busy) = self.busy.get_mut(r.slot as usize)
+        {
+            *busy -= 1;
+        }
+        done(Completion {
+            tag: slot.op.tag,
+            result: outcome,
+            op: slot.op,
+        });
+        1
+    }
+
+    /// Waits for every op in flight and hands over their completions.
+    pub fn drain(&mut self, done: &mut impl FnMut(Completion)) -> io::Result<()> {
+        while self.in_flight > 0 {
+            self.run(true, done)?;
+        }
+        Ok(())
+    }
+}
+
+impl<B: BufSet> Drop for Ring<B> {
+    fn drop(&mut self) {
+        // Invariant 3: nothing is released while the kernel may still use it.
+        if self.drain(&mut drop).is_err() || self.in_flight > 0 {
+            let bufs = std::mem::take(&mut self.bufs);
+            std::mem::forget(bufs);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::aligned::AlignedBuf;
+    use std::io::Write;
+
+    fn ring_over(data: &[u8]) -> (tempfile::NamedTempFile, Ring<AlignedBuf>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(data).unwrap();
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(f.path())
+                .unwrap(),
+        );
+        let ring = Ring::new(8, 4, vec![file], None).unwrap();
+        (f, ring)
+    }
+
+    fn op(kind: OpKind, offset: u64, len: u64, slot: Option<u32>, tag: u64) -> Op {
+        Op {
+            kind,
+            file: 0,
+            offset,
+            len,
+            buf: slot.map(|slot| BufRef {
+                slot,
+                segment: 0,
+                offset: 0,
+            }),
+            tag,
+        }
+    }
+
+    fn collect(ring: &mut Ring<AlignedBuf>) -> Vec<Completion> {
+        let mut out = Vec::new();
+        ring.drain(&mut |c| out.push(c)).unwrap();
+        out
+    }
+
+    #[test]
+    fn writes_then_reads_back_and_stops_short_at_eof() {
+        let (_f, mut ring) = ring_over(&[0u8; 8192]);
+        let mut buf = AlignedBuf::new(4096, 4096).unwrap();
+        buf.as_mut_slice().fill(0x5A);
+        ring.attach(0, buf).unwrap();
+        ring.push(op(OpKind::Write, 4096, 4096, Some(0), 1))
+            .unwrap();
+        // Busy: neither readable nor detachable while the write is in flight.
+        assert!(ring.buf(0).is_none() && ring.detach(0).is_none());
+        ring.push(op(OpKind::Fdatasync, 0, 0, None, 2)).unwrap();
+        let done = collect(&mut ring);
+        assert_eq!(done.len(), 2);
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        assert!(ring.detach(0).is_some());
+        ring.attach(1, AlignedBuf::new(8192, 4096).unwrap())
+            .unwrap();
+        ring.push(op(OpKind::Read, 2048, 8192, Some(1), 3)).unwrap();
+        let done = collect(&mut ring);
+        assert_eq!(done[0].tag, 3);
+        assert_eq!(done[0].result, Ok(6144));
+        let data = ring.buf(1).unwrap().as_slice();
+        assert!(data[..2048].iter().all(|&b| b == 0));
+        assert!(data[2048..6144].iter().all(|&b| b == 0x5A));
+    }
+
+    #[test]
+    fn bad_ops_complete_with_an_error() {
+        let (_f, mut ring) = ring_over(&[0u8; 512]);
+        ring.attach(0, AlignedBuf::new(512, 512).unwrap()).unwrap();
+        ring.push(op(OpKind::Read, 0, 1024, Some(0), 1)).unwrap();
+        ring.push(op(OpKind::Read, 0, 512, None, 2)).unwrap();
+        let mut bad_file = op(OpKind::Fsync, 0, 0, None, 3);
+        bad_file.file = 7;
+        ring.push(bad_file).unwrap();
+        ring.push(op(OpKind::Read, 0, 512, Some(3), 4)).unwrap();
+        let mut done = collect(&mut ring);
+        done.sort_by_key(|c| c.tag);
+        let errs: Vec<_> = done.iter().map(|c| c.result).collect();
+        assert_eq!(
+            errs,
+            vec![
+                Err(libc::EINVAL),
+                Err(libc::EFAULT),
+                Err(libc::EBADF),
+                Err(libc::EFAULT)
+            ]
+        );
+        assert!(ring.attach(0, AlignedBuf::new(1, 1).unwrap()).is_err());
+        assert!(ring.attach(9, AlignedBuf::new(1, 1).unwrap()).is_err());
+    }
+
+    #[test]
+    fn the_table_bounds_ops_in_flight() {
+        let (_f, mut ring) = ring_over(&[0u8; 512]);
+        let room = ring.room();
+        assert!(room >= 1);
+        for tag in 0..room as u64 {
+            ring.push(op(OpKind::Nop, 0, 0, None, tag)).unwrap();
+        }
+        let refused = ring.push(op(OpKind::Nop, 0, 0, None, 99)).unwrap_err();
+        assert_eq!(refused.tag, 99);
+        assert_eq!(collect(&mut ring).len(), room);
+        assert_eq!(ring.in_flight(), 0);
+        ring.push(refused).unwrap();
+        assert_eq!(collect(&mut ring).len(), 1);
+    }
+
+    #[test]
+    fn a_waker_ends_a_wait() {
+        let (_f, mut ring) = ring_over(&[0u8; 512]);
+        let waker = ring.waker();
+        let t = std::thread::spawn(move || {
+            for _ in 0..50 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                waker.wake();
+            }
+        });
+        // Returns once woken, with nothing completed.
+        let n = ring.run(true, &mut |_| {}).unwrap();
+        assert_eq!(n, 0);
+        t.join().unwrap();
+    }
+}
