@@ -34,6 +34,16 @@ pub fn resolve(path: &Path) -> Result<PathBuf, ImageError> {
     }
 }
 
+/// The size of an open regular file or block device (where its end is).
+pub(crate) fn file_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        return f.seek(SeekFrom::End(0));
+    }
+    Ok(meta.len())
+}
+
 /// Size and whole-second mtime of a backing file, as the COW header records them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Stamp {

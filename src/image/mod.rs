@@ -9,6 +9,7 @@
 mod backing;
 mod create;
 mod lock;
+mod open;
 
 use std::fs::File;
 use std::io;
@@ -21,6 +22,7 @@ use ubd_cow::{Bitmap, CowError, Geometry, Header, MAX_HEADER_SIZE};
 pub use backing::{BackingState, Stamp, resolve, stamp};
 pub use create::{create_overlay, create_raw};
 pub use lock::{LockKind, lock};
+pub use open::{Cache, ImageFile, OpenImage, OpenOptions, Overlay, open};
 
 /// What can go wrong with an image file. Every variant names the file.
 #[derive(Debug, Error)]
@@ -47,6 +49,8 @@ pub enum ImageError {
     Locked { path: PathBuf, holder: Option<i32> },
     #[error("refusing to create {} over itself: it is the backing file {}", cow.display(), backing.display())]
     SameFile { cow: PathBuf, backing: PathBuf },
+    #[error("{}: {problem}", path.display())]
+    BackingMismatch { path: PathBuf, problem: String },
     #[error("{}: mtime {mtime} does not fit the COW format's 32-bit field (touch the file to give it a current mtime)", path.display())]
     MtimeOutOfRange { path: PathBuf, mtime: i64 },
 }

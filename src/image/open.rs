@@ -1,0 +1,229 @@
+//! Opening an image for I/O: an overlay with its backing file, or a raw image.
+//!
+//! The overlay is opened read-write under an exclusive OFD lock (shared when
+//! read-only), the backing file read-only under a shared lock, and the pair is
+//! refused unless the backing file's size and whole-second mtime match the
+//! header, as UML does. The bitmap is read into RAM, where it routes reads.
+//! Direct I/O (`cache=none`) is used for a file only where `statx` says the file
+//! system takes it at sector alignment and, for an overlay, where the format's
+//! alignment keeps bitmap pages and data pages apart (v3's 4096).
+
+use std::fs::{self, File};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ubd_cow::{Geometry, Header, MAX_HEADER_SIZE};
+
+use super::{BackingState, ImageError, LockKind, lock, read_full_at};
+use crate::engine::dio::dio_align;
+
+/// How the host's page cache is used, with the names qemu users know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cache {
+    /// Direct I/O (O_DIRECT) where the file system supports it.
+    #[default]
+    None,
+    /// Buffered I/O through the host page cache.
+    Writeback,
+}
+
+/// How to open an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub read_only: bool,
+    /// Use this backing file instead of the one the header names.
+    pub backing: Option<PathBuf>,
+    pub cache: Cache,
+    /// How long to retry a lock another process holds (a killed server's
+    /// io_uring teardown releases its locks a little after it is gone).
+    pub lock_wait: Duration,
+}
+
+/// One file of an opened image.
+#[derive(Debug, Clone)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub file: Arc<File>,
+    /// Opened with O_DIRECT.
+    pub direct: bool,
+    /// Bytes in the file when opened.
+    pub len: u64,
+}
+
+/// An overlay's layout and its bitmap, as the device needs them.
+#[derive(Debug)]
+pub struct Overlay {
+    pub header: Header,
+    pub geometry: Geometry,
+    /// The bitmap as on disk when opened.
+    pub bitmap: Vec<u8>,
+    /// A second, buffered descriptor of the overlay for bitmap writes (the
+    /// data descriptor may be O_DIRECT).
+    pub meta: Arc<File>,
+    pub backing: ImageFile,
+}
+
+/// An image opened for I/O.
+#[derive(Debug)]
+pub struct OpenImage {
+    /// The overlay or the raw image: the file writes go to.
+    pub main: ImageFile,
+    /// Present for an overlay.
+    pub overlay: Option<Overlay>,
+    /// Bytes the device has: the backing size rounded up to 512 for an
+    /// overlay, the file's length for a raw image.
+    pub capacity: u64,
+    pub read_only: bool,
+}
+
+fn open_file(path: &Path, write: bool, cache: Cache) -> Result<(File, bool), ImageError> {
+    let open = |direct: bool| {
+        let mut o = fs::OpenOptions::new();
+        o.read(true).write(write);
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        o.open(path)
+    };
+    let file = open(false).map_err(|source| ImageError::Io {
+        path: path.to_path_buf(),
+        op: "cannot open",
+        source,
+    })?;
+    // Direct I/O only where the file system takes it at sector alignment.
+    let direct_ok =
+        cache == Cache::None && dio_align(&file).is_some_and(|a| a.offset <= 512 && a.mem <= 4096);
+    if direct_ok && let Ok(direct) = open(true) {
+        return Ok((direct, true));
+    }
+    Ok((file, false))
+}
+
+fn len_of(file: &File, path: &Path) -> Result<u64, ImageError> {
+    super::backing::file_size(file).map_err(|source| ImageError::Io {
+        path: path.to_path_buf(),
+        op: "cannot read the size of",
+        source,
+    })
+}
+
+/// Opens `path` (an overlay or a raw image) for I/O.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
+    let write = !opts.read_only;
+    let lock_kind = if write {
+        LockKind::Exclusive
+    } else {
+        LockKind::Shared
+    };
+    // Read the header through a plain descriptor first.
+    let (probe, _) = open_file(path, write, Cache::Writeback)?;
+    lock(&probe, path, lock_kind, opts.lock_wait)?;
+    let mut head = vec![0u8; MAX_HEADER_SIZE];
+    let n = read_full_at(&probe, &mut head, 0).map_err(|source| ImageError::Io {
+        path: path.to_path_buf(),
+        op: "cannot read the header",
+        source,
+    })?;
+    let format_err = |source| ImageError::Format {
+        path: path.to_path_buf(),
+        source,
+    };
+    let header = match Header::parse(&head[..n]) {
+        Ok(h) => Some(h),
+        Err(ubd_cow::CowError::NotCow) => None,
+        Err(e) => return Err(format_err(e)),
+    };
+    let Some(header) = header else {
+        let (file, direct) = open_file(path, write, opts.cache)?;
+        let len = len_of(&file, path)?;
+        // Direct I/O needs whole sectors: a raw image with a ragged end is
+        // served buffered.
+        let (file, direct) = if direct && len % 512 != 0 {
+            (probe, false)
+        } else {
+            (file, direct)
+        };
+        return Ok(OpenImage {
+            main: ImageFile {
+                path: path.to_path_buf(),
+                file: Arc::new(file),
+                direct,
+                len,
+            },
+            overlay: None,
+            capacity: len,
+            read_only: opts.read_only,
+        });
+    };
+    let geometry = Geometry::new(&header).map_err(format_err)?;
+    let len = len_of(&probe, path)?;
+    geometry.check_file_len(len).map_err(format_err)?;
+
+    let backing_path = opts
+        .backing
+        .clone()
+        .unwrap_or_else(|| header.backing_file.clone());
+    if let Some(problem) = BackingState::of(&header, &backing_path).problem(&header, &backing_path)
+    {
+        return Err(ImageError::BackingMismatch {
+            path: path.to_path_buf(),
+            problem,
+        });
+    }
+    let (backing_file, backing_direct) = open_file(&backing_path, false, opts.cache)?;
+    lock(
+        &backing_file,
+        &backing_path,
+        LockKind::Shared,
+        opts.lock_wait,
+    )?;
+    let backing_len = len_of(&backing_file, &backing_path)?;
+
+    let mut bitmap = vec![0u8; geometry.bitmap_len as usize];
+    let got = read_full_at(&probe, &mut bitmap, geometry.bitmap_offset).map_err(|source| {
+        ImageError::Io {
+            path: path.to_path_buf(),
+            op: "cannot read the bitmap",
+            source,
+        }
+    })?;
+    if got < bitmap.len() {
+        return Err(format_err(ubd_cow::CowError::FileTooShort {
+            len,
+            data_offset: geometry.data_offset,
+        }));
+    }
+    // Direct I/O on the overlay only where bitmap and data pages are apart.
+    let (main, direct) = if header.alignment >= 4096 {
+        open_file(path, write, opts.cache)?
+    } else {
+        open_file(path, write, Cache::Writeback)?
+    };
+    let capacity = geometry.capacity();
+    Ok(OpenImage {
+        main: ImageFile {
+            path: path.to_path_buf(),
+            file: Arc::new(main),
+            direct,
+            len,
+        },
+        overlay: Some(Overlay {
+            header,
+            geometry,
+            bitmap,
+            // The probe descriptor holds the OFD lock: keep it open for as
+            // long as the image is, as the bitmap writer.
+            meta: Arc::new(probe),
+            backing: ImageFile {
+                path: backing_path,
+                file: Arc::new(backing_file),
+                direct: backing_direct,
+                len: backing_len,
+            },
+        }),
+        capacity,
+        read_only: opts.read_only,
+    })
+}

@@ -1,0 +1,545 @@
+//! The device against a plain `Vec<u8>` model: random requests, many in
+//! flight, partial sectors, trims, zeroes, flushes, close and reopen; with the
+//! pool's fault injection on and off and with a pool so small that requests
+//! are split. Plus overlapping writes to one sector, and teardown with
+//! hundreds of requests in flight.
+
+mod common;
+
+use std::fs;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use proptest::prelude::*;
+use ubd::device::{Command, Device, DeviceOptions, Flags, Reply, Request, Sink, Waiter};
+use ubd::image::{Cache, create_overlay};
+
+const SECTOR: usize = 512;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    cow: PathBuf,
+    base_data: Vec<u8>,
+    base_mtime: SystemTime,
+}
+
+fn fixture(size: usize, seed: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    let base_data = common::pseudo_random_bytes(seed, size);
+    fs::write(&base, &base_data).unwrap();
+    let base_mtime = fs::metadata(&base).unwrap().modified().unwrap();
+    let cow = dir.path().join("cow.img");
+    create_overlay(&cow, &base, false).unwrap();
+    Fixture {
+        _dir: dir,
+        base,
+        cow,
+        base_data,
+        base_mtime,
+    }
+}
+
+impl Fixture {
+    /// The backing file is never written: same bytes, same mtime.
+    fn assert_base_untouched(&self) {
+        assert!(
+            fs::read(&self.base).unwrap() == self.base_data,
+            "base changed"
+        );
+        assert_eq!(
+            fs::metadata(&self.base).unwrap().modified().unwrap(),
+            self.base_mtime
+        );
+    }
+}
+
+fn model_of(f: &Fixture) -> Model {
+    let mut data = f.base_data.clone();
+    data.resize(f.base_data.len().next_multiple_of(SECTOR), 0);
+    let sectors = data.len() / SECTOR;
+    Model {
+        data,
+        present: vec![false; sectors],
+    }
+}
+
+/// What the device should hold, and which sectors the overlay has.
+struct Model {
+    data: Vec<u8>,
+    present: Vec<bool>,
+}
+
+impl Model {
+    fn sectors(r: &Range<usize>) -> Range<usize> {
+        r.start / SECTOR..r.end.div_ceil(SECTOR)
+    }
+
+    fn write(&mut self, r: Range<usize>, bytes: &[u8]) {
+        self.data[r.clone()].copy_from_slice(bytes);
+        for s in Self::sectors(&r) {
+            self.present[s] = true;
+        }
+    }
+
+    fn zero(&mut self, r: Range<usize>) {
+        self.data[r.clone()].fill(0);
+        for s in Self::sectors(&r) {
+            self.present[s] = true;
+        }
+    }
+
+    /// Whole present sectors read as zeros after a trim; the rest is kept.
+    fn trim(&mut self, r: Range<usize>) {
+        for s in r.start.div_ceil(SECTOR)..r.end / SECTOR {
+            if self.present[s] {
+                self.data[s * SECTOR..(s + 1) * SECTOR].fill(0);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Read(Range<usize>),
+    Write(Range<usize>, u8, bool),
+    Zero(Range<usize>, bool),
+    Trim(Range<usize>),
+    Flush,
+}
+
+impl Step {
+    fn range(&self) -> Option<&Range<usize>> {
+        match self {
+            Step::Read(r) | Step::Write(r, ..) | Step::Zero(r, _) | Step::Trim(r) => Some(r),
+            Step::Flush => None,
+        }
+    }
+    fn changes(&self) -> bool {
+        !matches!(self, Step::Read(_) | Step::Flush)
+    }
+}
+
+fn range(size: usize) -> impl Strategy<Value = Range<usize>> {
+    // Mostly small and unaligned, sometimes large (to split across chunks).
+    let len = prop_oneof![1usize..1500, 1usize..70_000, 200_000usize..400_000];
+    (0..size, len).prop_map(move |(start, len)| start..(start + len).min(size))
+}
+
+fn step(size: usize) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => range(size).prop_map(Step::Read),
+        6 => (range(size), 1u8..=255, any::<bool>()).prop_map(|(r, v, fua)| Step::Write(r, v, fua)),
+        1 => (range(size), any::<bool>()).prop_map(|(r, nh)| Step::Zero(r, nh)),
+        1 => range(size).prop_map(Step::Trim),
+        1 => Just(Step::Flush),
+    ]
+}
+
+/// Splits steps into batches whose ranges do not share a sector with a
+/// changing step of the same batch, so the batch's outcome is the same in any
+/// order.
+fn batches(steps: Vec<Step>, width: usize) -> Vec<Vec<Step>> {
+    let mut out: Vec<Vec<Step>> = Vec::new();
+    let mut current: Vec<Step> = Vec::new();
+    for s in steps {
+        let clash = |t: &Step| match (s.range(), t.range()) {
+            (Some(a), Some(b)) if s.changes() || t.changes() => {
+                let (a, b) = (Model::sectors(a), Model::sectors(b));
+                a.start < b.end && b.start < a.end
+            }
+            _ => false,
+        };
+        if current.len() >= width || current.iter().any(clash) {
+            out.push(std::mem::take(&mut current));
+        }
+        current.push(s);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+fn run_step(dev: &Device, s: &Step) -> Option<(Range<usize>, Vec<u8>)> {
+    match s {
+        Step::Read(r) => {
+            let mut buf = vec![0u8; r.len()];
+            dev.read_at(r.start as u64, &mut buf).unwrap();
+            Some((r.clone(), buf))
+        }
+        Step::Write(r, v, fua) => {
+            let flags = Flags {
+                fua: *fua,
+                ..Flags::default()
+            };
+            dev.write_at(r.start as u64, &vec![*v; r.len()], flags)
+                .unwrap();
+            None
+        }
+        Step::Zero(r, no_hole) => {
+            let flags = Flags {
+                no_hole: *no_hole,
+                ..Flags::default()
+            };
+            dev.write_zeroes(r.start as u64, r.len() as u64, flags)
+                .unwrap();
+            None
+        }
+        Step::Trim(r) => {
+            dev.trim(r.start as u64, r.len() as u64).unwrap();
+            None
+        }
+        Step::Flush => {
+            dev.flush().unwrap();
+            None
+        }
+    }
+}
+
+fn apply(model: &mut Model, s: &Step) {
+    match s {
+        Step::Read(_) | Step::Flush => {}
+        Step::Write(r, v, _) => model.write(r.clone(), &vec![*v; r.len()]),
+        Step::Zero(r, _) => model.zero(r.clone()),
+        Step::Trim(r) => model.trim(r.clone()),
+    }
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+fn opts(small_pool: bool, cache: Cache) -> DeviceOptions {
+    let mut o = DeviceOptions {
+        cache,
+        poison_on_free: true,
+        ..DeviceOptions::default()
+    };
+    if small_pool {
+        // 8 chunks of 64 KiB: requests over ~256 KiB are split.
+        o.pool_size = 512 << 10;
+        o.chunk_size = 64 << 10;
+        o.max_requests = 8;
+        o.queue_depth = 16;
+    }
+    o
+}
+
+fn check_model(
+    steps: Vec<Step>,
+    reopen_every: usize,
+    fail_alloc: bool,
+    small_pool: bool,
+    cache: Cache,
+) -> Result<(), TestCaseError> {
+    const SIZE: usize = 1_500_000 + 123;
+    let f = fixture(SIZE, 7);
+    let mut model = model_of(&f);
+    let o = opts(small_pool, cache);
+    let mut dev = Device::open(&f.cow, &o).unwrap();
+    dev.pool().set_fail_ordinary(fail_alloc);
+    for (i, batch) in batches(steps, 6).into_iter().enumerate() {
+        if reopen_every > 0 && i % reopen_every == reopen_every - 1 {
+            dev.close().unwrap();
+            drop(dev);
+            dev = Device::open(&f.cow, &o).unwrap();
+            dev.pool().set_fail_ordinary(fail_alloc);
+        }
+        // Reads see the state before the batch's changes: they never share
+        // a sector with them.
+        let reads: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|s| scope.spawn(|| run_step(&dev, s)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, got) in reads.into_iter().flatten() {
+            let expect = &model.data[r.clone()];
+            prop_assert!(
+                got == expect,
+                "read {r:?} differs at +{:?}",
+                first_difference(&got, expect)
+            );
+        }
+        for s in &batch {
+            apply(&mut model, s);
+        }
+    }
+    dev.close().unwrap();
+    drop(dev);
+    let dev = Device::open(&f.cow, &o).unwrap();
+    let mut all = vec![0u8; model.data.len()];
+    dev.read_at(0, &mut all).unwrap();
+    prop_assert!(
+        all == model.data,
+        "after reopen differs at {:?}",
+        first_difference(&all, &model.data)
+    );
+    drop(dev);
+    let check = common::output(common::ubd().arg("check").arg(&f.cow));
+    prop_assert!(check.status.success(), "{:?}", check);
+    f.assert_base_untouched();
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, max_shrink_iters: 64, .. ProptestConfig::default() })]
+
+    #[test]
+    fn model_direct_io(steps in prop::collection::vec(step(1_500_123), 1..60), reopen in 0usize..5) {
+        check_model(steps, reopen, false, false, Cache::None)?;
+    }
+
+    #[test]
+    fn model_writeback_with_fault_injection(steps in prop::collection::vec(step(1_500_123), 1..60), reopen in 0usize..5) {
+        check_model(steps, reopen, true, false, Cache::Writeback)?;
+    }
+
+    #[test]
+    fn model_small_pool_with_fault_injection(steps in prop::collection::vec(step(1_500_123), 1..60), reopen in 0usize..5) {
+        check_model(steps, reopen, true, true, Cache::None)?;
+    }
+}
+
+/// Counts completions; keeps the data of each.
+#[derive(Default)]
+struct Collect {
+    done: AtomicUsize,
+    errors: AtomicUsize,
+}
+
+impl Sink for Collect {
+    fn complete(&self, _token: u64, result: Result<Reply, nix::errno::Errno>) {
+        if result.is_err() {
+            self.errors.fetch_add(1, Ordering::SeqCst);
+        }
+        self.done.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Many requests in flight write overlapping, partial ranges around one
+/// sector; the result must be the outcome of some serial order of them:
+/// at every byte, the last writer in that order.
+#[test]
+fn overlapping_writes_equal_a_serial_order() {
+    let f = fixture(64 << 10, 3);
+    let dev = Arc::new(Device::open(&f.cow, &DeviceOptions::default()).unwrap());
+    let area = 4 * SECTOR..8 * SECTOR;
+    for round in 0..20u64 {
+        let writers: Vec<(Range<usize>, u8)> = (0..24u8)
+            .map(|w| {
+                let seed = round * 1000 + u64::from(w);
+                let r = common::pseudo_random_bytes(seed, 4);
+                let a = area.start + usize::from(u16::from_le_bytes([r[0], r[1]])) % area.len();
+                let b = area.start + usize::from(u16::from_le_bytes([r[2], r[3]])) % area.len();
+                (a.min(b)..a.max(b) + 1, w + 1)
+            })
+            .collect();
+        let sink = Arc::new(Collect::default());
+        for (token, (r, v)) in writers.iter().enumerate() {
+            let mut data = dev.alloc(r.start as u64, r.len() as u64).unwrap();
+            data.copy_from_at(r.start % SECTOR, &vec![*v; r.len()]);
+            dev.submit(
+                Request {
+                    command: Command::Write,
+                    offset: r.start as u64,
+                    len: r.len() as u64,
+                    flags: Flags::default(),
+                    data: Some(data),
+                    token: token as u64,
+                },
+                sink.clone(),
+            );
+        }
+        while sink.done.load(Ordering::SeqCst) < writers.len() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(sink.errors.load(Ordering::SeqCst), 0);
+        let mut got = vec![0u8; area.len()];
+        dev.read_at(area.start as u64, &mut got).unwrap();
+        // Constraints: at byte p holding v, every other writer covering p
+        // came before v's writer. A serial order exists iff they are acyclic.
+        let n = writers.len();
+        let mut before = vec![vec![false; n]; n];
+        for (i, &byte) in got.iter().enumerate() {
+            let p = area.start + i;
+            let covering: Vec<usize> = (0..n).filter(|&w| writers[w].0.contains(&p)).collect();
+            if covering.is_empty() {
+                continue;
+            }
+            let last = covering.iter().find(|&&w| writers[w].1 == byte);
+            let Some(&last) = last else {
+                panic!("round {round}: byte {p} is {byte}, written by none of {covering:?}");
+            };
+            for &w in &covering {
+                if w != last {
+                    before[w][last] = true;
+                }
+            }
+        }
+        // Kahn's algorithm.
+        let mut indegree: Vec<usize> = (0..n)
+            .map(|j| (0..n).filter(|&i| before[i][j]).count())
+            .collect();
+        let mut ready: Vec<usize> = (0..n).filter(|&j| indegree[j] == 0).collect();
+        let mut seen = 0;
+        while let Some(i) = ready.pop() {
+            seen += 1;
+            for j in 0..n {
+                if before[i][j] {
+                    indegree[j] -= 1;
+                    if indegree[j] == 0 {
+                        ready.push(j);
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, n, "round {round}: no serial order gives this result");
+    }
+    dev.close().unwrap();
+    f.assert_base_untouched();
+}
+
+/// Closing with hundreds of requests in flight neither hangs nor frees a
+/// buffer the kernel may still use: the pool poisons freed chunks, so a use
+/// after free would show as 0xA5 in the data read back.
+#[test]
+fn close_with_hundreds_in_flight() {
+    let f = fixture(4 << 20, 5);
+    for cache in [Cache::None, Cache::Writeback] {
+        let o = DeviceOptions {
+            cache,
+            poison_on_free: true,
+            ..DeviceOptions::default()
+        };
+        let dev = Device::open(&f.cow, &o).unwrap();
+        let sink = Arc::new(Collect::default());
+        let mut expect = model_of(&f);
+        let total = 400usize;
+        for i in 0..total {
+            let offset = (i * 9973 * SECTOR) % (4 << 20);
+            let len = 4096.min((4 << 20) - offset);
+            let v = (i % 250) as u8 + 1;
+            let (command, data) = if i % 3 == 0 {
+                (Command::Read, dev.alloc(offset as u64, len as u64).unwrap())
+            } else {
+                let mut d = dev.alloc(offset as u64, len as u64).unwrap();
+                d.copy_from_at(0, &vec![v; len]);
+                expect.write(offset..offset + len, &vec![v; len]);
+                (Command::Write, d)
+            };
+            dev.submit(
+                Request {
+                    command,
+                    offset: offset as u64,
+                    len: len as u64,
+                    flags: Flags::default(),
+                    data: Some(data),
+                    token: i as u64,
+                },
+                sink.clone(),
+            );
+        }
+        // Close at once, from another thread, with a deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let closer = std::thread::spawn(move || {
+            let r = dev.close();
+            let _ = tx.send(r.is_ok());
+            dev
+        });
+        let closed = rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(closed, Ok(true), "close hung or failed");
+        drop(closer.join().unwrap());
+        assert_eq!(
+            sink.done.load(Ordering::SeqCst),
+            total,
+            "every request ended"
+        );
+        assert_eq!(sink.errors.load(Ordering::SeqCst), 0);
+        let dev = Device::open(&f.cow, &o).unwrap();
+        let mut all = vec![0u8; expect.data.len()];
+        dev.read_at(0, &mut all).unwrap();
+        assert!(
+            all == expect.data,
+            "{cache:?}: differs at {:?}",
+            first_difference(&all, &expect.data)
+        );
+        dev.close().unwrap();
+    }
+    f.assert_base_untouched();
+}
+
+/// A raw image is a device too: capacity is its length, writes land in place.
+#[test]
+fn raw_image_with_a_ragged_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    let data = common::pseudo_random_bytes(11, 100_000);
+    fs::write(&raw, &data).unwrap();
+    let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
+    assert_eq!(dev.capacity(), 100_000);
+    let mut model = data.clone();
+    dev.write_at(99_990, &[9u8; 10], Flags::default()).unwrap();
+    model[99_990..].fill(9);
+    dev.write_at(
+        1,
+        &[8u8; 700],
+        Flags {
+            fua: true,
+            ..Flags::default()
+        },
+    )
+    .unwrap();
+    model[1..701].fill(8);
+    let mut got = vec![0u8; 100_000];
+    dev.read_at(0, &mut got).unwrap();
+    assert!(got == model);
+    // Past the end: EINVAL for reads, ENOSPC for writes.
+    let waiter = Arc::new(Waiter::default());
+    let too_far = dev.alloc(99_999, 2).unwrap();
+    dev.submit(
+        Request {
+            command: Command::Write,
+            offset: 99_999,
+            len: 2,
+            flags: Flags::default(),
+            data: Some(too_far),
+            token: 0,
+        },
+        waiter.clone(),
+    );
+    assert_eq!(waiter.wait().unwrap_err(), nix::errno::Errno::ENOSPC);
+    dev.close().unwrap();
+    assert_eq!(fs::read(&raw).unwrap(), model);
+}
+
+/// Block status reports where data lives: overlay, backing, and the zero
+/// tail; after write-zeroes, a hole in the overlay.
+#[test]
+fn block_status_follows_the_bitmap() {
+    let f = fixture(1_000_000, 2);
+    let dev = Device::open(&f.cow, &DeviceOptions::default()).unwrap();
+    dev.write_at(8192, &[1u8; 8192], Flags::default()).unwrap();
+    dev.write_zeroes(65536, 4096, Flags::default()).unwrap();
+    let e = dev.block_status(0, dev.capacity()).unwrap();
+    let total: u64 = e.iter().map(|x| x.len).sum();
+    assert_eq!(total, dev.capacity());
+    let mut at = 0;
+    let mut seen = Vec::new();
+    for x in &e {
+        seen.push((at, x.len, x.depth, x.zero));
+        at += x.len;
+    }
+    assert_eq!(seen[0], (0, 8192, 2, false));
+    assert_eq!(seen[1], (8192, 8192, 1, false));
+    assert_eq!(seen[2], (16384, 65536 - 16384, 2, false));
+    assert_eq!(seen[3], (65536, 4096, 1, true));
+    dev.close().unwrap();
+    f.assert_base_untouched();
+}
