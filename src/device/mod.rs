@@ -19,7 +19,10 @@
 //! sits at byte `offset % 512 + i` of its buffers, so every sector of the
 //! request is sector-aligned in memory.
 
+mod flush;
 mod locks;
+mod plan;
+mod status;
 mod worker;
 
 use std::path::{Path, PathBuf};

@@ -1,21 +1,16 @@
 //! The device's worker thread: turns requests into ring ops and completions
 //! into replies.
 //!
-//! Each request works in a request slot, which is also its buffer slot in the
-//! ring. READ plans one op per run of present or absent sectors (split at
-//! chunk boundaries) and zero-fills what lies past the backing file. WRITE
-//! takes a range lock over its sectors (invariant 2), reads the old contents
-//! of a partial first or last sector into a scratch buffer and merges them,
-//! writes, and only when every write has completed sets the RAM bitmap's bits
-//! and lets the lock go. TRIM punches holes in present sectors; WRITE_ZEROES
-//! punches (or, with NO_HOLE, zero-allocates) whole sectors and merges zeros
-//! into partial ones, then sets the bits.
+//! This file owns the worker's state and its loop: intake from
+//! `Device::submit`, the start of each request, the dispatch of completions,
+//! and each request's end. Each request works in a request slot, which is also
+//! its buffer slot in the ring. Planning a request into ops lives in `plan.rs`,
+//! the flush protocol in `flush.rs`, BLOCK_STATUS in `status.rs`.
 //!
-//! The flush protocol (invariant 7), one round at a time: snapshot the bitmap
-//! blocks that changed into a staging buffer (every bit in them belongs to a
-//! completed data write), fdatasync the overlay, write the staged blocks,
-//! fdatasync again, then answer every FLUSH and FUA request of the round. A
-//! FUA request joins a round after its own data has completed.
+//! Ops the ring has no room for wait in a backlog that the loop pushes
+//! between reaps: it never waits on submission (invariant 6). A request ends
+//! only when all its ops are back, and its slot and buffers are freed before
+//! its caller hears of it (invariant 1).
 //!
 //! Closing: once told to close, the worker takes no new requests, finishes
 //! the ones it has, runs a last flush round, and drains the ring before any
@@ -24,39 +19,38 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::Range;
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
 use ubd_cow::Bitmap;
 
+use super::flush::{Phase, Round};
 use super::locks::RangeLocks;
-use super::{Command, Extent, Reply, Request, Sink};
+use super::{Command, Reply, Request, Sink};
 use crate::engine::aligned::AlignedBuf;
 use crate::engine::bufpool::BufPool;
 use crate::engine::bufset::DevBuf;
-use crate::engine::ring::{BufRef, Completion, Op, OpKind, Ring, Waker};
+use crate::engine::ring::{Completion, Op, OpKind, Ring, Waker};
 use crate::image::OpenImage;
 
-const SECTOR: u64 = 512;
+pub(super) const SECTOR: u64 = 512;
 /// Bitmap bytes per staged block.
-const BLOCK: u64 = 4096;
-const FILE_MAIN: usize = 0;
-const FILE_BACKING: usize = 1;
-const FILE_META: usize = 2;
+pub(super) const BLOCK: u64 = 4096;
+pub(super) const FILE_MAIN: usize = 0;
+pub(super) const FILE_BACKING: usize = 1;
+pub(super) const FILE_META: usize = 2;
 /// Scratch buffers for partial-sector merges (two sectors each).
-const SCRATCH: u32 = 32;
+pub(super) const SCRATCH: u32 = 32;
 
 /// What an op is for, in the high half of its tag; the low half is a slot.
-const P_DATA: u64 = 1;
-const P_MERGE: u64 = 2;
-const P_SYNC_DATA: u64 = 3;
-const P_BITMAP: u64 = 4;
-const P_SYNC_META: u64 = 5;
+pub(super) const P_DATA: u64 = 1;
+pub(super) const P_MERGE: u64 = 2;
+pub(super) const P_SYNC_DATA: u64 = 3;
+pub(super) const P_BITMAP: u64 = 4;
+pub(super) const P_SYNC_META: u64 = 5;
 
-fn tag(purpose: u64, slot: u32) -> u64 {
+pub(super) fn tag(purpose: u64, slot: u32) -> u64 {
     (purpose << 32) | u64::from(slot)
 }
 
@@ -64,6 +58,8 @@ fn tag(purpose: u64, slot: u32) -> u64 {
 #[derive(Default)]
 pub struct Intake {
     queue: Mutex<VecDeque<(Request, Arc<dyn Sink>)>>,
+    /// Requests queued and not yet taken (read without the lock).
+    queued: AtomicUsize,
     /// Set when the worker is gone: requests end at once with EIO.
     dead: AtomicBool,
 }
@@ -77,6 +73,7 @@ impl Intake {
             return;
         }
         q.push_back((req, sink));
+        self.queued.fetch_add(1, Ordering::Release);
     }
 
     /// Marks the worker gone and ends every queued request with `errno`.
@@ -92,7 +89,11 @@ impl Intake {
     }
 
     fn take_into(&self, local: &mut VecDeque<(Request, Arc<dyn Sink>)>) {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        self.queued.store(0, Ordering::Release);
         if local.is_empty() {
             std::mem::swap(&mut *q, local);
         } else {
@@ -101,15 +102,12 @@ impl Intake {
     }
 
     fn is_empty(&self) -> bool {
-        self.queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        self.queued.load(Ordering::Acquire) == 0
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(super) enum Stage {
     /// Waiting in the range lock's line.
     Locking,
     /// Waiting for a scratch buffer.
@@ -122,84 +120,67 @@ enum Stage {
     Flushing,
 }
 
-struct Req {
-    command: Command,
-    offset: u64,
-    len: u64,
-    fua: bool,
-    no_hole: bool,
-    token: u64,
-    sink: Arc<dyn Sink>,
-    stage: Stage,
-    ops: u32,
-    error: Option<i32>,
-    scratch: Option<u32>,
-    locked: bool,
+pub(super) struct Req {
+    pub(super) command: Command,
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    pub(super) fua: bool,
+    pub(super) no_hole: bool,
+    pub(super) token: u64,
+    pub(super) sink: Arc<dyn Sink>,
+    pub(super) stage: Stage,
+    pub(super) ops: u32,
+    pub(super) error: Option<i32>,
+    pub(super) scratch: Option<u32>,
+    pub(super) locked: bool,
 }
 
 impl Req {
-    fn sectors(&self) -> Range<u64> {
+    pub(super) fn sectors(&self) -> Range<u64> {
         self.offset / SECTOR..(self.offset + self.len).div_ceil(SECTOR)
     }
     /// Byte of the first sector where the request's data starts.
-    fn head(&self) -> u64 {
+    pub(super) fn head(&self) -> u64 {
         self.offset % SECTOR
     }
     /// Bytes of the last sector past the request's end (0 if it ends on a sector).
-    fn tail_gap(&self) -> u64 {
+    pub(super) fn tail_gap(&self) -> u64 {
         (SECTOR - (self.offset + self.len) % SECTOR) % SECTOR
     }
 }
 
 /// The overlay's state the worker keeps.
-struct Cow {
-    data_offset: u64,
-    bitmap_offset: u64,
-    bitmap_len: u64,
+pub(super) struct Cow {
+    pub(super) data_offset: u64,
+    pub(super) bitmap_offset: u64,
+    pub(super) bitmap_len: u64,
     /// Sectors with a bitmap bit (v1/v2 bitmaps are a byte short).
-    mapped: u64,
-    backing_len: u64,
-    ram: Bitmap<Vec<u8>>,
-    dirty: Vec<bool>,
-    dirty_list: Vec<u32>,
-    backing: Arc<File>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    SyncData,
-    Bitmap,
-    SyncMeta,
-}
-
-struct Round {
-    phase: Phase,
-    waiting: Vec<u32>,
-    members: Vec<u32>,
-    blocks: Vec<u32>,
-    pending: u32,
-    error: Option<i32>,
+    pub(super) mapped: u64,
+    pub(super) backing_len: u64,
+    pub(super) ram: Bitmap<Vec<u8>>,
+    pub(super) dirty: Vec<bool>,
+    pub(super) dirty_list: Vec<u32>,
+    pub(super) backing: Arc<File>,
 }
 
 pub struct Worker {
-    ring: Ring<DevBuf>,
-    main: Arc<File>,
-    main_len: u64,
-    cow: Option<Cow>,
-    capacity: u64,
-    intake: Arc<Intake>,
-    local: VecDeque<(Request, Arc<dyn Sink>)>,
-    closing: Arc<AtomicBool>,
-    reqs: Vec<Option<Req>>,
-    free: Vec<u32>,
-    locks: RangeLocks,
-    scratch_free: Vec<u32>,
-    scratch_wait: VecDeque<u32>,
-    backlog: VecDeque<Op>,
-    round: Round,
-    chunk: u64,
-    max_requests: u32,
+    pub(super) ring: Ring<DevBuf>,
+    pub(super) main: Arc<File>,
+    pub(super) main_len: u64,
+    pub(super) cow: Option<Cow>,
+    pub(super) capacity: u64,
+    pub(super) intake: Arc<Intake>,
+    pub(super) local: VecDeque<(Request, Arc<dyn Sink>)>,
+    pub(super) closing: Arc<AtomicBool>,
+    pub(super) reqs: Vec<Option<Req>>,
+    pub(super) free: Vec<u32>,
+    pub(super) locks: RangeLocks,
+    pub(super) scratch_free: Vec<u32>,
+    pub(super) scratch_wait: VecDeque<u32>,
+    pub(super) backlog: VecDeque<Op>,
+    pub(super) round: Round,
+    pub(super) chunk: u64,
+    pub(super) max_requests: u32,
 }
 
 impl Worker {
@@ -301,9 +282,11 @@ impl Worker {
                 self.start_round(true);
                 continue;
             }
-            self.ring.announce_sleep();
             // Nothing to start: new requests wait for a free slot, if any.
-            let idle = self.intake.is_empty() && (self.local.is_empty() || self.free.is_empty());
+            let idle =
+                |w: &Worker| w.intake.is_empty() && (w.local.is_empty() || w.free.is_empty());
+            self.ring.announce_sleep();
+            let idle = done.is_empty() && idle(&self);
             // When closing with nothing in hand, loop back to the final round.
             let wait = idle && (self.busy() || !closing);
             let woken = self.ring.run(wait, &mut |c| done.push(c));
@@ -350,7 +333,7 @@ impl Worker {
         }
     }
 
-    fn push(&mut self, op: Op) {
+    pub(super) fn push(&mut self, op: Op) {
         if !self.backlog.is_empty() {
             self.backlog.push_back(op);
             return;
@@ -435,381 +418,16 @@ impl Worker {
         }
     }
 
-    fn req(&mut self, slot: u32) -> Option<&mut Req> {
+    pub(super) fn req(&mut self, slot: u32) -> Option<&mut Req> {
         self.reqs.get_mut(slot as usize)?.as_mut()
     }
 
     /// Emits an op for request `slot` and counts it.
-    fn emit(&mut self, owner: u32, op: Op) {
+    pub(super) fn emit(&mut self, owner: u32, op: Op) {
         if let Some(r) = self.req(owner) {
             r.ops += 1;
         }
         self.push(op);
-    }
-
-    /// Plans reads of `sectors` into buffer slot `buf` starting at byte `pos`.
-    /// Sectors past the backing file (or a raw image's end) are zero-filled
-    /// first, while no op owns the buffer; then the reads are emitted, split
-    /// at segment boundaries of the buffer.
-    fn plan_read(&mut self, owner: u32, sectors: Range<u64>, buf: u32, pos: u64, purpose: u64) {
-        self.read_pass(owner, sectors.clone(), buf, pos, purpose, false);
-        self.read_pass(owner, sectors, buf, pos, purpose, true);
-    }
-
-    /// One pass of `plan_read`: zero-fill (`emit` false) or emit reads.
-    fn read_pass(
-        &mut self,
-        owner: u32,
-        sectors: Range<u64>,
-        buf: u32,
-        pos: u64,
-        purpose: u64,
-        emit: bool,
-    ) {
-        let seg = if buf == owner { self.chunk } else { 2 * SECTOR };
-        let byte_pos = |s: u64| pos + (s - sectors.start) * SECTOR;
-        // Reads sectors `from..to` from `file` at `file_off`.
-        let run = |w: &mut Worker, file: usize, file_off: u64, from: u64, to: u64| {
-            let mut at = from;
-            while at < to {
-                let p = byte_pos(at);
-                let (segment, off) = (p / seg, p % seg);
-                let n = ((seg - off) / SECTOR).min(to - at);
-                w.emit(
-                    owner,
-                    Op {
-                        kind: OpKind::Read,
-                        file,
-                        offset: file_off + (at - from) * SECTOR,
-                        len: n * SECTOR,
-                        buf: Some(BufRef {
-                            slot: buf,
-                            segment: segment as u32,
-                            offset: off as usize,
-                        }),
-                        tag: tag(purpose, owner),
-                    },
-                );
-                at += n;
-            }
-        };
-        let (file, base, file_len) = match &self.cow {
-            None => (FILE_MAIN, 0, self.main_len),
-            Some(cow) => (FILE_BACKING, 0, cow.backing_len),
-        };
-        let file_sectors = file_len.div_ceil(SECTOR);
-        let ragged = (file_len % SECTOR != 0).then_some(file_len / SECTOR);
-        let mut at = sectors.start;
-        while at < sectors.end {
-            let (present, end) = match &self.cow {
-                None => (false, sectors.end),
-                Some(cow) => {
-                    let p = cow.ram.get(at);
-                    (p, cow.ram.next_change(at + 1, sectors.end, p))
-                }
-            };
-            if present {
-                if emit {
-                    let data_offset = self.cow.as_ref().map_or(0, |c| c.data_offset);
-                    run(self, FILE_MAIN, data_offset + at * SECTOR, at, end);
-                }
-                at = end;
-                continue;
-            }
-            // From the backing file (or the raw image), then zeros past it.
-            let read_end = end.min(file_sectors).max(at);
-            if emit {
-                if at < read_end {
-                    run(self, file, base + at * SECTOR, at, read_end);
-                }
-            } else {
-                if let Some(s) = ragged
-                    && (at..read_end).contains(&s)
-                {
-                    self.zero_fill(buf, byte_pos(s), byte_pos(s + 1));
-                }
-                self.zero_fill(buf, byte_pos(read_end), byte_pos(end));
-            }
-            at = end;
-        }
-    }
-
-    fn zero_fill(&mut self, buf: u32, from: u64, to: u64) {
-        if from >= to {
-            return;
-        }
-        let b = self.ring.buf_mut(buf);
-        debug_assert!(b.is_some(), "zero-fill of a buffer that ops own");
-        if let Some(b) = b {
-            b.zero(from as usize, (to - from) as usize);
-        }
-    }
-
-    fn plan_cache(&mut self, slot: u32) {
-        let Some(r) = self.reqs[slot as usize].as_ref() else {
-            return;
-        };
-        let sectors = r.sectors();
-        let advice = libc::POSIX_FADV_WILLNEED;
-        let mut at = sectors.start;
-        while at < sectors.end {
-            let (file, offset, end) = match &self.cow {
-                None => (FILE_MAIN, at * SECTOR, sectors.end),
-                Some(cow) => {
-                    let present = cow.ram.get(at);
-                    let end = cow.ram.next_change(at + 1, sectors.end, present);
-                    if present {
-                        (FILE_MAIN, cow.data_offset + at * SECTOR, end)
-                    } else {
-                        (FILE_BACKING, at * SECTOR, end)
-                    }
-                }
-            };
-            let op = Op {
-                kind: OpKind::Fadvise { advice },
-                file,
-                offset,
-                len: (end - at) * SECTOR,
-                buf: None,
-                tag: tag(P_DATA, slot),
-            };
-            self.emit(slot, op);
-            at = end;
-        }
-    }
-
-    /// Offset in the main file of sector `s`.
-    fn main_offset(&self, s: u64) -> u64 {
-        match &self.cow {
-            Some(cow) => cow.data_offset + s * SECTOR,
-            None => s * SECTOR,
-        }
-    }
-
-    /// A change request now holds its range lock.
-    fn locked(&mut self, slot: u32) {
-        let Some(r) = self.req(slot) else { return };
-        r.locked = true;
-        r.stage = Stage::Data;
-        let partial = r.head() != 0 || r.tail_gap() != 0;
-        let command = r.command;
-        match command {
-            Command::Trim => self.plan_trim(slot),
-            _ if partial => self.get_scratch(slot),
-            Command::Write => self.plan_write(slot),
-            _ => self.plan_zeroes(slot),
-        }
-        self.maybe_finish(slot);
-    }
-
-    fn get_scratch(&mut self, slot: u32) {
-        let Some(scratch) = self.scratch_free.pop() else {
-            if let Some(r) = self.req(slot) {
-                r.stage = Stage::Scratch;
-            }
-            self.scratch_wait.push_back(slot);
-            return;
-        };
-        let Some(r) = self.req(slot) else { return };
-        r.scratch = Some(scratch);
-        r.stage = Stage::Merging;
-        let sectors = r.sectors();
-        let (head, tail_gap) = (r.head() != 0, r.tail_gap() != 0);
-        let first = sectors.start;
-        let last = sectors.end - 1;
-        // Zero-fill both halves before either read owns the buffer.
-        for emit in [false, true] {
-            if head {
-                self.read_pass(slot, first..first + 1, scratch, 0, P_MERGE, emit);
-            }
-            if tail_gap && (last != first || !head) {
-                self.read_pass(slot, last..last + 1, scratch, SECTOR, P_MERGE, emit);
-            }
-        }
-    }
-
-    /// The merge reads are done: put the old bytes around the new ones.
-    fn merge(&mut self, slot: u32) {
-        let Some(r) = self.reqs[slot as usize].as_ref() else {
-            return;
-        };
-        let (command, head, tail_gap, sectors) = (r.command, r.head(), r.tail_gap(), r.sectors());
-        let Some(scratch) = r.scratch else { return };
-        let mut old = [0u8; 1024];
-        if let Some(own) = self.ring.buf(scratch).and_then(DevBuf::own) {
-            old.copy_from_slice(&own.as_slice()[..1024]);
-        }
-        // When the request sits inside one sector, that sector's old bytes
-        // were read into the first half.
-        let single = sectors.end - sectors.start == 1;
-        let tail_old = if single && head != 0 { 0 } else { 512 };
-        match command {
-            Command::Write => {
-                let span = (sectors.end - sectors.start) * SECTOR;
-                if let Some(chunks) = self.ring.buf_mut(slot).and_then(DevBuf::chunks_mut) {
-                    if head != 0 {
-                        chunks.copy_from_at(0, &old[..head as usize]);
-                    }
-                    if tail_gap != 0 {
-                        let from = (span - tail_gap) as usize;
-                        let src = tail_old + 512 - tail_gap as usize;
-                        chunks.copy_from_at(from, &old[src..tail_old + 512]);
-                    }
-                }
-                self.release_scratch(slot);
-                self.plan_write(slot);
-            }
-            _ => {
-                // WRITE_ZEROES: zero the request's bytes in the old sectors and
-                // write those sectors from the scratch buffer.
-                let Some(own) = self.ring.buf_mut(scratch).and_then(DevBuf::own_mut) else {
-                    return;
-                };
-                let s = own.as_mut_slice();
-                let end_in_last = (512 - tail_gap) as usize;
-                if single {
-                    s[head as usize..end_in_last].fill(0);
-                } else {
-                    if head != 0 {
-                        s[head as usize..512].fill(0);
-                    }
-                    if tail_gap != 0 {
-                        s[512..512 + end_in_last].fill(0);
-                    }
-                }
-                let first = sectors.start;
-                let last = sectors.end - 1;
-                if head != 0 || single {
-                    self.write_sector(slot, scratch, first, 0);
-                }
-                if tail_gap != 0 && !single {
-                    self.write_sector(slot, scratch, last, 512);
-                }
-                self.plan_zeroes(slot);
-            }
-        }
-    }
-
-    fn write_sector(&mut self, owner: u32, buf: u32, sector: u64, pos: usize) {
-        let offset = self.main_offset(sector);
-        let limit = if self.cow.is_none() {
-            self.main_len
-        } else {
-            u64::MAX
-        };
-        let op = Op {
-            kind: OpKind::Write,
-            file: FILE_MAIN,
-            offset,
-            len: SECTOR.min(limit.saturating_sub(offset)),
-            buf: Some(BufRef {
-                slot: buf,
-                segment: 0,
-                offset: pos,
-            }),
-            tag: tag(P_DATA, owner),
-        };
-        self.emit(owner, op);
-    }
-
-    fn release_scratch(&mut self, slot: u32) {
-        let Some(scratch) = self.req(slot).and_then(|r| r.scratch.take()) else {
-            return;
-        };
-        self.scratch_free.push(scratch);
-        if let Some(next) = self.scratch_wait.pop_front() {
-            self.get_scratch(next);
-            self.maybe_finish(next);
-        }
-    }
-
-    fn plan_write(&mut self, slot: u32) {
-        let Some(r) = self.req(slot) else { return };
-        r.stage = Stage::Data;
-        let sectors = r.sectors();
-        let base = self.main_offset(sectors.start);
-        let chunk_sectors = self.chunk / SECTOR;
-        let mut at = 0;
-        let total = sectors.end - sectors.start;
-        // A raw image ends where its file does, maybe inside a sector.
-        let limit = if self.cow.is_none() {
-            self.main_len
-        } else {
-            u64::MAX
-        };
-        while at < total {
-            let n = (chunk_sectors - at % chunk_sectors).min(total - at);
-            let offset = base + at * SECTOR;
-            let op = Op {
-                kind: OpKind::Write,
-                file: FILE_MAIN,
-                offset,
-                len: (n * SECTOR).min(limit.saturating_sub(offset)),
-                buf: Some(BufRef {
-                    slot,
-                    segment: (at / chunk_sectors) as u32,
-                    offset: ((at % chunk_sectors) * SECTOR) as usize,
-                }),
-                tag: tag(P_DATA, slot),
-            };
-            self.emit(slot, op);
-            at += n;
-        }
-    }
-
-    /// Whole sectors of a WRITE_ZEROES: punch (or zero-allocate) them.
-    fn plan_zeroes(&mut self, slot: u32) {
-        let Some(r) = self.req(slot) else { return };
-        r.stage = Stage::Data;
-        let (start, end) = (r.offset.div_ceil(SECTOR), (r.offset + r.len) / SECTOR);
-        let no_hole = r.no_hole;
-        if start >= end {
-            return;
-        }
-        let mode = if no_hole {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        let op = Op {
-            kind: OpKind::Fallocate { mode },
-            file: FILE_MAIN,
-            offset: self.main_offset(start),
-            len: (end - start) * SECTOR,
-            buf: None,
-            tag: tag(P_DATA, slot),
-        };
-        self.emit(slot, op);
-    }
-
-    /// TRIM: punch holes where whole present sectors (or a raw image's whole
-    /// sectors) lie; absent sectors keep reading from the backing file.
-    fn plan_trim(&mut self, slot: u32) {
-        let Some(r) = self.req(slot) else { return };
-        let (start, end) = (r.offset.div_ceil(SECTOR), (r.offset + r.len) / SECTOR);
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let mut at = start;
-        while at < end {
-            let (present, next) = match &self.cow {
-                None => (true, end),
-                Some(cow) => {
-                    let p = cow.ram.get(at);
-                    (p, cow.ram.next_change(at + 1, end, p))
-                }
-            };
-            if present {
-                let op = Op {
-                    kind: OpKind::Fallocate { mode },
-                    file: FILE_MAIN,
-                    offset: self.main_offset(at),
-                    len: (next - at) * SECTOR,
-                    buf: None,
-                    tag: tag(P_DATA, slot),
-                };
-                self.emit(slot, op);
-            }
-            at = next;
-        }
     }
 
     fn on_complete(&mut self, c: Completion) {
@@ -850,7 +468,7 @@ impl Worker {
     }
 
     /// Moves a request on once its ops are done.
-    fn maybe_finish(&mut self, slot: u32) {
+    pub(super) fn maybe_finish(&mut self, slot: u32) {
         let Some(r) = self.reqs[slot as usize].as_ref() else {
             return;
         };
@@ -918,24 +536,6 @@ impl Worker {
         self.end(slot, reply);
     }
 
-    fn set_bits(&mut self, sectors: Range<u64>) {
-        let Some(cow) = self.cow.as_mut() else { return };
-        if sectors.is_empty() {
-            return;
-        }
-        cow.ram.set_range(sectors.clone(), true);
-        let first = sectors.start / 8 / BLOCK;
-        let last = (sectors.end - 1) / 8 / BLOCK;
-        for b in first..=last {
-            if let Some(d) = cow.dirty.get_mut(b as usize)
-                && !*d
-            {
-                *d = true;
-                cow.dirty_list.push(b as u32);
-            }
-        }
-    }
-
     fn unlock(&mut self, slot: u32) {
         let Some(r) = self.req(slot) else { return };
         if !std::mem::replace(&mut r.locked, false) {
@@ -965,183 +565,13 @@ impl Worker {
 
     /// Ends request `slot`: frees its slot and buffers first, then tells the
     /// caller (invariant 1: nothing of the request is touched after that).
-    fn end(&mut self, slot: u32, result: Result<Reply, Errno>) {
+    pub(super) fn end(&mut self, slot: u32, result: Result<Reply, Errno>) {
         drop(self.ring.detach(slot));
         let Some(r) = self.reqs[slot as usize].take() else {
             return;
         };
         self.free.push(slot);
         r.sink.complete(r.token, result);
-    }
-
-    /// Starts a flush round if none runs and someone waits (or `always`).
-    fn start_round(&mut self, always: bool) {
-        if self.round.phase != Phase::Idle || (self.round.waiting.is_empty() && !always) {
-            return;
-        }
-        std::mem::swap(&mut self.round.members, &mut self.round.waiting);
-        self.round.error = None;
-        self.round.blocks.clear();
-        let staging = self.max_requests + SCRATCH;
-        if let Some(cow) = self.cow.as_mut() {
-            // Snapshot: every bit here belongs to a completed data write.
-            std::mem::swap(&mut self.round.blocks, &mut cow.dirty_list);
-            if let Some(own) = self.ring.buf_mut(staging).and_then(DevBuf::own_mut) {
-                let dst = own.as_mut_slice();
-                let src = cow.ram.as_bytes();
-                for &b in &self.round.blocks {
-                    cow.dirty[b as usize] = false;
-                    let from = (u64::from(b) * BLOCK) as usize;
-                    let to = (from + BLOCK as usize).min(src.len());
-                    dst[from..to].copy_from_slice(&src[from..to]);
-                }
-            }
-        }
-        self.round.phase = Phase::SyncData;
-        self.round.pending = 1;
-        self.push(Op {
-            kind: OpKind::Fdatasync,
-            file: FILE_MAIN,
-            offset: 0,
-            len: 0,
-            buf: None,
-            tag: tag(P_SYNC_DATA, 0),
-        });
-    }
-
-    fn on_round(&mut self, purpose: u64, result: Result<u64, i32>) {
-        if let Err(e) = result {
-            self.round.error.get_or_insert(e);
-        }
-        self.round.pending = self.round.pending.saturating_sub(1);
-        if self.round.pending > 0 {
-            return;
-        }
-        let next = match (purpose, &self.cow, self.round.error) {
-            (P_SYNC_DATA, Some(_), None) if !self.round.blocks.is_empty() => Phase::Bitmap,
-            (P_BITMAP, _, None) => Phase::SyncMeta,
-            _ => Phase::Idle,
-        };
-        match next {
-            Phase::Bitmap => {
-                let (offset, len) = match &self.cow {
-                    Some(c) => (c.bitmap_offset, c.bitmap_len),
-                    None => return,
-                };
-                let staging = self.max_requests + SCRATCH;
-                self.round.phase = Phase::Bitmap;
-                self.round.pending = self.round.blocks.len() as u32;
-                for i in 0..self.round.blocks.len() {
-                    let b = u64::from(self.round.blocks[i]);
-                    self.push(Op {
-                        kind: OpKind::Write,
-                        file: FILE_META,
-                        offset: offset + b * BLOCK,
-                        len: BLOCK.min(len - b * BLOCK),
-                        buf: Some(BufRef {
-                            slot: staging,
-                            segment: 0,
-                            offset: (b * BLOCK) as usize,
-                        }),
-                        tag: tag(P_BITMAP, 0),
-                    });
-                }
-            }
-            Phase::SyncMeta => {
-                self.round.phase = Phase::SyncMeta;
-                self.round.pending = 1;
-                self.push(Op {
-                    kind: OpKind::Fdatasync,
-                    file: FILE_META,
-                    offset: 0,
-                    len: 0,
-                    buf: None,
-                    tag: tag(P_SYNC_META, 0),
-                });
-            }
-            _ => self.finish_round(),
-        }
-    }
-
-    fn finish_round(&mut self) {
-        let error = self.round.error;
-        if error.is_some()
-            && let Some(cow) = self.cow.as_mut()
-        {
-            // The blocks were not made durable: they stay dirty.
-            for &b in &self.round.blocks {
-                if !cow.dirty[b as usize] {
-                    cow.dirty[b as usize] = true;
-                    cow.dirty_list.push(b);
-                }
-            }
-        }
-        self.round.phase = Phase::Idle;
-        let mut members = std::mem::take(&mut self.round.members);
-        for &slot in &members {
-            let result = match error {
-                Some(e) => Err(Errno::from_raw(e)),
-                None => Ok(Reply::Done),
-            };
-            self.end(slot, result);
-        }
-        members.clear();
-        self.round.members = members;
-        self.start_round(false);
-    }
-
-    /// Where the request's range reads from, from the bitmap and the files'
-    /// holes (SEEK_DATA / SEEK_HOLE).
-    fn block_status(&self, slot: u32) -> Result<Reply, Errno> {
-        let Some(r) = self.reqs[slot as usize].as_ref() else {
-            return Err(Errno::EINVAL);
-        };
-        let (start, end) = (r.offset, (r.offset + r.len).min(self.capacity));
-        let mut out: Vec<Extent> = Vec::new();
-        let mut add = |len: u64, depth: u8, zero: bool| {
-            if len == 0 {
-                return;
-            }
-            match out.last_mut() {
-                Some(e) if e.depth == depth && e.zero == zero => e.len += len,
-                _ => out.push(Extent { len, depth, zero }),
-            }
-        };
-        let Some(cow) = &self.cow else {
-            holes(&self.main, start, end, self.main_len, |len, data| {
-                add(len, 1, !data)
-            })?;
-            return Ok(Reply::Extents(out));
-        };
-        let mut at = start;
-        while at < end {
-            let s = at / SECTOR;
-            let present = cow.ram.get(s);
-            let next_sector = cow.ram.next_change(s + 1, end.div_ceil(SECTOR), present);
-            let run_end = (next_sector * SECTOR).min(end);
-            if present {
-                let base = cow.data_offset;
-                holes(
-                    &self.main,
-                    base + at,
-                    base + run_end,
-                    u64::MAX,
-                    |len, data| add(len, 1, !data),
-                )?;
-            } else {
-                let in_backing = run_end.min(cow.backing_len.max(at));
-                holes(
-                    &cow.backing,
-                    at,
-                    in_backing,
-                    cow.backing_len,
-                    |len, data| add(len, 2, !data),
-                )?;
-                add(run_end - in_backing, 0, true);
-            }
-            at = run_end;
-        }
-        Ok(Reply::Extents(out))
     }
 }
 
@@ -1151,42 +581,4 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.fail_everything(Errno::EIO);
     }
-}
-
-/// Calls `each(len, is_data)` for the data and hole runs of `file` over
-/// `start..end`; bytes at or past `file_len` count as a hole.
-fn holes(
-    file: &File,
-    start: u64,
-    end: u64,
-    file_len: u64,
-    mut each: impl FnMut(u64, bool),
-) -> Result<(), Errno> {
-    let mut at = start;
-    let limit = end.min(file_len);
-    while at < limit {
-        let pos = i64::try_from(at).map_err(|_| Errno::EINVAL)?;
-        let data = match lseek(file.as_fd(), pos, Whence::SeekData) {
-            Ok(d) => (d as u64).min(limit),
-            Err(Errno::ENXIO) => limit,
-            Err(e) => return Err(e),
-        };
-        if data > at {
-            each(data - at, false);
-            at = data;
-            continue;
-        }
-        let hole = match lseek(file.as_fd(), pos, Whence::SeekHole) {
-            Ok(h) => (h as u64).min(limit),
-            Err(Errno::ENXIO) => limit,
-            Err(e) => return Err(e),
-        };
-        let hole = hole.max(at + 1).min(limit);
-        each(hole - at, true);
-        at = hole;
-    }
-    if end > at {
-        each(end - at, false);
-    }
-    Ok(())
 }

@@ -1,0 +1,392 @@
+//! Planning: turns a request into ring ops, and merges partial sectors.
+//!
+//! READ plans one op per run of present or absent sectors (split at
+//! chunk boundaries) and zero-fills what lies past the backing file. WRITE
+//! takes a range lock over its sectors (invariant 2), reads the old contents
+//! of a partial first or last sector into a scratch buffer and merges them,
+//! writes, and only when every write has completed sets the RAM bitmap's bits
+//! and lets the lock go (`data_done`, in `worker.rs`). TRIM punches holes in
+//! present sectors; WRITE_ZEROES punches (or, with NO_HOLE, zero-allocates)
+//! whole sectors and merges zeros into partial ones, then sets the bits. CACHE
+//! asks the host to prefetch the range from whichever file holds it.
+
+use std::ops::Range;
+
+use super::Command;
+use super::worker::{FILE_BACKING, FILE_MAIN, P_DATA, P_MERGE, SECTOR, Stage, Worker, tag};
+use crate::engine::bufset::DevBuf;
+use crate::engine::ring::{BufRef, Op, OpKind};
+
+impl Worker {
+    /// Plans reads of `sectors` into buffer slot `buf` starting at byte `pos`.
+    /// Sectors past the backing file (or a raw image's end) are zero-filled
+    /// first, while no op owns the buffer; then the reads are emitted, split
+    /// at segment boundaries of the buffer.
+    pub(super) fn plan_read(
+        &mut self,
+        owner: u32,
+        sectors: Range<u64>,
+        buf: u32,
+        pos: u64,
+        purpose: u64,
+    ) {
+        self.read_pass(owner, sectors.clone(), buf, pos, purpose, false);
+        self.read_pass(owner, sectors, buf, pos, purpose, true);
+    }
+
+    /// One pass of `plan_read`: zero-fill (`emit` false) or emit reads.
+    fn read_pass(
+        &mut self,
+        owner: u32,
+        sectors: Range<u64>,
+        buf: u32,
+        pos: u64,
+        purpose: u64,
+        emit: bool,
+    ) {
+        let seg = if buf == owner { self.chunk } else { 2 * SECTOR };
+        let byte_pos = |s: u64| pos + (s - sectors.start) * SECTOR;
+        // Reads sectors `from..to` from `file` at `file_off`.
+        let run = |w: &mut Worker, file: usize, file_off: u64, from: u64, to: u64| {
+            let mut at = from;
+            while at < to {
+                let p = byte_pos(at);
+                let (segment, off) = (p / seg, p % seg);
+                let n = ((seg - off) / SECTOR).min(to - at);
+                w.emit(
+                    owner,
+                    Op {
+                        kind: OpKind::Read,
+                        file,
+                        offset: file_off + (at - from) * SECTOR,
+                        len: n * SECTOR,
+                        buf: Some(BufRef {
+                            slot: buf,
+                            segment: segment as u32,
+                            offset: off as usize,
+                        }),
+                        tag: tag(purpose, owner),
+                    },
+                );
+                at += n;
+            }
+        };
+        let (file, base, file_len) = match &self.cow {
+            None => (FILE_MAIN, 0, self.main_len),
+            Some(cow) => (FILE_BACKING, 0, cow.backing_len),
+        };
+        let file_sectors = file_len.div_ceil(SECTOR);
+        let ragged = (file_len % SECTOR != 0).then_some(file_len / SECTOR);
+        let mut at = sectors.start;
+        while at < sectors.end {
+            let (present, end) = match &self.cow {
+                None => (false, sectors.end),
+                Some(cow) => {
+                    let p = cow.ram.get(at);
+                    (p, cow.ram.next_change(at + 1, sectors.end, p))
+                }
+            };
+            if present {
+                if emit {
+                    let data_offset = self.cow.as_ref().map_or(0, |c| c.data_offset);
+                    run(self, FILE_MAIN, data_offset + at * SECTOR, at, end);
+                }
+                at = end;
+                continue;
+            }
+            // From the backing file (or the raw image), then zeros past it.
+            let read_end = end.min(file_sectors).max(at);
+            if emit {
+                if at < read_end {
+                    run(self, file, base + at * SECTOR, at, read_end);
+                }
+            } else {
+                if let Some(s) = ragged
+                    && (at..read_end).contains(&s)
+                {
+                    self.zero_fill(buf, byte_pos(s), byte_pos(s + 1));
+                }
+                self.zero_fill(buf, byte_pos(read_end), byte_pos(end));
+            }
+            at = end;
+        }
+    }
+
+    fn zero_fill(&mut self, buf: u32, from: u64, to: u64) {
+        if from >= to {
+            return;
+        }
+        let b = self.ring.buf_mut(buf);
+        debug_assert!(b.is_some(), "zero-fill of a buffer that ops own");
+        if let Some(b) = b {
+            b.zero(from as usize, (to - from) as usize);
+        }
+    }
+
+    pub(super) fn plan_cache(&mut self, slot: u32) {
+        let Some(r) = self.reqs[slot as usize].as_ref() else {
+            return;
+        };
+        let sectors = r.sectors();
+        let advice = libc::POSIX_FADV_WILLNEED;
+        let mut at = sectors.start;
+        while at < sectors.end {
+            let (file, offset, end) = match &self.cow {
+                None => (FILE_MAIN, at * SECTOR, sectors.end),
+                Some(cow) => {
+                    let present = cow.ram.get(at);
+                    let end = cow.ram.next_change(at + 1, sectors.end, present);
+                    if present {
+                        (FILE_MAIN, cow.data_offset + at * SECTOR, end)
+                    } else {
+                        (FILE_BACKING, at * SECTOR, end)
+                    }
+                }
+            };
+            let op = Op {
+                kind: OpKind::Fadvise { advice },
+                file,
+                offset,
+                len: (end - at) * SECTOR,
+                buf: None,
+                tag: tag(P_DATA, slot),
+            };
+            self.emit(slot, op);
+            at = end;
+        }
+    }
+
+    /// Offset in the main file of sector `s`.
+    fn main_offset(&self, s: u64) -> u64 {
+        match &self.cow {
+            Some(cow) => cow.data_offset + s * SECTOR,
+            None => s * SECTOR,
+        }
+    }
+
+    /// A change request now holds its range lock.
+    pub(super) fn locked(&mut self, slot: u32) {
+        let Some(r) = self.req(slot) else { return };
+        r.locked = true;
+        r.stage = Stage::Data;
+        let partial = r.head() != 0 || r.tail_gap() != 0;
+        let command = r.command;
+        match command {
+            Command::Trim => self.plan_trim(slot),
+            _ if partial => self.get_scratch(slot),
+            Command::Write => self.plan_write(slot),
+            _ => self.plan_zeroes(slot),
+        }
+        self.maybe_finish(slot);
+    }
+
+    fn get_scratch(&mut self, slot: u32) {
+        let Some(scratch) = self.scratch_free.pop() else {
+            if let Some(r) = self.req(slot) {
+                r.stage = Stage::Scratch;
+            }
+            self.scratch_wait.push_back(slot);
+            return;
+        };
+        let Some(r) = self.req(slot) else { return };
+        r.scratch = Some(scratch);
+        r.stage = Stage::Merging;
+        let sectors = r.sectors();
+        let (head, tail_gap) = (r.head() != 0, r.tail_gap() != 0);
+        let first = sectors.start;
+        let last = sectors.end - 1;
+        // Zero-fill both halves before either read owns the buffer.
+        for emit in [false, true] {
+            if head {
+                self.read_pass(slot, first..first + 1, scratch, 0, P_MERGE, emit);
+            }
+            if tail_gap && (last != first || !head) {
+                self.read_pass(slot, last..last + 1, scratch, SECTOR, P_MERGE, emit);
+            }
+        }
+    }
+
+    /// The merge reads are done: put the old bytes around the new ones.
+    pub(super) fn merge(&mut self, slot: u32) {
+        let Some(r) = self.reqs[slot as usize].as_ref() else {
+            return;
+        };
+        let (command, head, tail_gap, sectors) = (r.command, r.head(), r.tail_gap(), r.sectors());
+        let Some(scratch) = r.scratch else { return };
+        let mut old = [0u8; 1024];
+        if let Some(own) = self.ring.buf(scratch).and_then(DevBuf::own) {
+            old.copy_from_slice(&own.as_slice()[..1024]);
+        }
+        // When the request sits inside one sector, that sector's old bytes
+        // were read into the first half.
+        let single = sectors.end - sectors.start == 1;
+        let tail_old = if single && head != 0 { 0 } else { 512 };
+        match command {
+            Command::Write => {
+                let span = (sectors.end - sectors.start) * SECTOR;
+                if let Some(chunks) = self.ring.buf_mut(slot).and_then(DevBuf::chunks_mut) {
+                    if head != 0 {
+                        chunks.copy_from_at(0, &old[..head as usize]);
+                    }
+                    if tail_gap != 0 {
+                        let from = (span - tail_gap) as usize;
+                        let src = tail_old + 512 - tail_gap as usize;
+                        chunks.copy_from_at(from, &old[src..tail_old + 512]);
+                    }
+                }
+                self.release_scratch(slot);
+                self.plan_write(slot);
+            }
+            _ => {
+                // WRITE_ZEROES: zero the request's bytes in the old sectors and
+                // write those sectors from the scratch buffer.
+                let Some(own) = self.ring.buf_mut(scratch).and_then(DevBuf::own_mut) else {
+                    return;
+                };
+                let s = own.as_mut_slice();
+                let end_in_last = (512 - tail_gap) as usize;
+                if single {
+                    s[head as usize..end_in_last].fill(0);
+                } else {
+                    if head != 0 {
+                        s[head as usize..512].fill(0);
+                    }
+                    if tail_gap != 0 {
+                        s[512..512 + end_in_last].fill(0);
+                    }
+                }
+                let first = sectors.start;
+                let last = sectors.end - 1;
+                if head != 0 || single {
+                    self.write_sector(slot, scratch, first, 0);
+                }
+                if tail_gap != 0 && !single {
+                    self.write_sector(slot, scratch, last, 512);
+                }
+                self.plan_zeroes(slot);
+            }
+        }
+    }
+
+    fn write_sector(&mut self, owner: u32, buf: u32, sector: u64, pos: usize) {
+        let offset = self.main_offset(sector);
+        let limit = if self.cow.is_none() {
+            self.main_len
+        } else {
+            u64::MAX
+        };
+        let op = Op {
+            kind: OpKind::Write,
+            file: FILE_MAIN,
+            offset,
+            len: SECTOR.min(limit.saturating_sub(offset)),
+            buf: Some(BufRef {
+                slot: buf,
+                segment: 0,
+                offset: pos,
+            }),
+            tag: tag(P_DATA, owner),
+        };
+        self.emit(owner, op);
+    }
+
+    pub(super) fn release_scratch(&mut self, slot: u32) {
+        let Some(scratch) = self.req(slot).and_then(|r| r.scratch.take()) else {
+            return;
+        };
+        self.scratch_free.push(scratch);
+        if let Some(next) = self.scratch_wait.pop_front() {
+            self.get_scratch(next);
+            self.maybe_finish(next);
+        }
+    }
+
+    fn plan_write(&mut self, slot: u32) {
+        let Some(r) = self.req(slot) else { return };
+        r.stage = Stage::Data;
+        let sectors = r.sectors();
+        let base = self.main_offset(sectors.start);
+        let chunk_sectors = self.chunk / SECTOR;
+        let mut at = 0;
+        let total = sectors.end - sectors.start;
+        // A raw image ends where its file does, maybe inside a sector.
+        let limit = if self.cow.is_none() {
+            self.main_len
+        } else {
+            u64::MAX
+        };
+        while at < total {
+            let n = (chunk_sectors - at % chunk_sectors).min(total - at);
+            let offset = base + at * SECTOR;
+            let op = Op {
+                kind: OpKind::Write,
+                file: FILE_MAIN,
+                offset,
+                len: (n * SECTOR).min(limit.saturating_sub(offset)),
+                buf: Some(BufRef {
+                    slot,
+                    segment: (at / chunk_sectors) as u32,
+                    offset: ((at % chunk_sectors) * SECTOR) as usize,
+                }),
+                tag: tag(P_DATA, slot),
+            };
+            self.emit(slot, op);
+            at += n;
+        }
+    }
+
+    /// Whole sectors of a WRITE_ZEROES: punch (or zero-allocate) them.
+    fn plan_zeroes(&mut self, slot: u32) {
+        let Some(r) = self.req(slot) else { return };
+        r.stage = Stage::Data;
+        let (start, end) = (r.offset.div_ceil(SECTOR), (r.offset + r.len) / SECTOR);
+        let no_hole = r.no_hole;
+        if start >= end {
+            return;
+        }
+        let mode = if no_hole {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        let op = Op {
+            kind: OpKind::Fallocate { mode },
+            file: FILE_MAIN,
+            offset: self.main_offset(start),
+            len: (end - start) * SECTOR,
+            buf: None,
+            tag: tag(P_DATA, slot),
+        };
+        self.emit(slot, op);
+    }
+
+    /// TRIM: punch holes where whole present sectors (or a raw image's whole
+    /// sectors) lie; absent sectors keep reading from the backing file.
+    fn plan_trim(&mut self, slot: u32) {
+        let Some(r) = self.req(slot) else { return };
+        let (start, end) = (r.offset.div_ceil(SECTOR), (r.offset + r.len) / SECTOR);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let mut at = start;
+        while at < end {
+            let (present, next) = match &self.cow {
+                None => (true, end),
+                Some(cow) => {
+                    let p = cow.ram.get(at);
+                    (p, cow.ram.next_change(at + 1, end, p))
+                }
+            };
+            if present {
+                let op = Op {
+                    kind: OpKind::Fallocate { mode },
+                    file: FILE_MAIN,
+                    offset: self.main_offset(at),
+                    len: (next - at) * SECTOR,
+                    buf: None,
+                    tag: tag(P_DATA, slot),
+                };
+                self.emit(slot, op);
+            }
+            at = next;
+        }
+    }
+}

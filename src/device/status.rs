@@ -1,0 +1,110 @@
+//! BLOCK_STATUS: where a request's range reads from, from the RAM bitmap and
+//! the files' holes (SEEK_DATA / SEEK_HOLE).
+//!
+//! It answers at once on the worker thread and only reads: no op, no lock,
+//! nothing changed. It reads the same RAM bitmap that routes READs (a bit
+//! there only after its sector's data write completed: invariant 7), so it
+//! reports where a READ of the range would go.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+
+use super::worker::{SECTOR, Worker};
+use super::{Extent, Reply};
+
+impl Worker {
+    /// Where the request's range reads from, from the bitmap and the files'
+    /// holes (SEEK_DATA / SEEK_HOLE).
+    pub(super) fn block_status(&self, slot: u32) -> Result<Reply, Errno> {
+        let Some(r) = self.reqs[slot as usize].as_ref() else {
+            return Err(Errno::EINVAL);
+        };
+        let (start, end) = (r.offset, (r.offset + r.len).min(self.capacity));
+        let mut out: Vec<Extent> = Vec::new();
+        let mut add = |len: u64, depth: u8, zero: bool| {
+            if len == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(e) if e.depth == depth && e.zero == zero => e.len += len,
+                _ => out.push(Extent { len, depth, zero }),
+            }
+        };
+        let Some(cow) = &self.cow else {
+            holes(&self.main, start, end, self.main_len, |len, data| {
+                add(len, 1, !data)
+            })?;
+            return Ok(Reply::Extents(out));
+        };
+        let mut at = start;
+        while at < end {
+            let s = at / SECTOR;
+            let present = cow.ram.get(s);
+            let next_sector = cow.ram.next_change(s + 1, end.div_ceil(SECTOR), present);
+            let run_end = (next_sector * SECTOR).min(end);
+            if present {
+                let base = cow.data_offset;
+                holes(
+                    &self.main,
+                    base + at,
+                    base + run_end,
+                    u64::MAX,
+                    |len, data| add(len, 1, !data),
+                )?;
+            } else {
+                let in_backing = run_end.min(cow.backing_len.max(at));
+                holes(
+                    &cow.backing,
+                    at,
+                    in_backing,
+                    cow.backing_len,
+                    |len, data| add(len, 2, !data),
+                )?;
+                add(run_end - in_backing, 0, true);
+            }
+            at = run_end;
+        }
+        Ok(Reply::Extents(out))
+    }
+}
+
+/// Calls `each(len, is_data)` for the data and hole runs of `file` over
+/// `start..end`; bytes at or past `file_len` count as a hole.
+fn holes(
+    file: &File,
+    start: u64,
+    end: u64,
+    file_len: u64,
+    mut each: impl FnMut(u64, bool),
+) -> Result<(), Errno> {
+    let mut at = start;
+    let limit = end.min(file_len);
+    while at < limit {
+        let pos = i64::try_from(at).map_err(|_| Errno::EINVAL)?;
+        let data = match lseek(file.as_fd(), pos, Whence::SeekData) {
+            Ok(d) => (d as u64).min(limit),
+            Err(Errno::ENXIO) => limit,
+            Err(e) => return Err(e),
+        };
+        if data > at {
+            each(data - at, false);
+            at = data;
+            continue;
+        }
+        let hole = match lseek(file.as_fd(), pos, Whence::SeekHole) {
+            Ok(h) => (h as u64).min(limit),
+            Err(Errno::ENXIO) => limit,
+            Err(e) => return Err(e),
+        };
+        let hole = hole.max(at + 1).min(limit);
+        each(hole - at, true);
+        at = hole;
+    }
+    if end > at {
+        each(end - at, false);
+    }
+    Ok(())
+}
