@@ -41,7 +41,9 @@ pub unsafe trait BufSet: Send {
     fn segment(&self, i: usize) -> (*mut u8, usize);
 }
 
-/// Where an op's data is: a segment of the set attached at buffer slot `slot`.
+/// Where an op's data is: from byte `offset` of segment `segment` of the set
+/// attached at buffer slot `slot`, running on into the following segments
+/// when the op is longer than what is left of that one (vectored I/O).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufRef {
     pub slot: u32,
@@ -103,6 +105,9 @@ struct Slot {
     error: Option<i32>,
 }
 
+/// The most segments one vectored op spans.
+pub const MAX_IOV: usize = 65;
+
 /// `user_data` of the ring's own eventfd read.
 const WAKE_TAG: u64 = u64::MAX;
 /// An op that got -EAGAIN or -EINTR is tried again this many times.
@@ -129,6 +134,9 @@ impl Waker {
 pub struct Ring<B: BufSet> {
     ring: IoUring,
     slots: Vec<Option<Slot>>,
+    /// The iovecs of each op slot's vectored transfer; the kernel reads them
+    /// at submission, and they stay put until the slot's op completes.
+    iovs: Vec<[libc::iovec; MAX_IOV]>,
     bufs: Vec<Option<B>>,
     /// Ops in flight on each buffer slot.
     busy: Vec<u32>,
@@ -162,7 +170,16 @@ impl<B: BufSet> Ring<B> {
         arena: Option<(*mut u8, usize, Arc<dyn Send + Sync>)>,
     ) -> io::Result<Ring<B>> {
         let depth = depth.clamp(2, 4096);
-        let ring = IoUring::builder().setup_cqsize(depth * 2).build(depth)?;
+        // COOP_TASKRUN: completions are run when the owner enters the ring,
+        // not pushed by an interrupt to a thread that is busy anyway; only
+        // the owner submits (SINGLE_ISSUER). Older kernels get a plain ring.
+        let ring = IoUring::builder()
+            .setup_cqsize(depth * 2)
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .build(depth)
+            .or_else(|_| IoUring::builder().setup_cqsize(depth * 2).build(depth))?;
         let sq = ring.params().sq_entries() as usize;
         let cq = ring.params().cq_entries() as usize;
         // Each slot has at most one SQE queued and one CQE pending, and one
@@ -192,9 +209,14 @@ impl<B: BufSet> Ring<B> {
         slots.resize_with(capacity, || None);
         let mut bufs = Vec::with_capacity(buf_slots);
         bufs.resize_with(buf_slots, || None);
+        let no_iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
         Ok(Ring {
             ring,
             slots,
+            iovs: vec![[no_iov; MAX_IOV]; capacity],
             bufs,
             busy: vec![0; buf_slots],
             generations,
@@ -330,7 +352,7 @@ impl<B: BufSet> Ring<B> {
         }
     }
 
-    fn build(&self, index: u32) -> Result<squeue::Entry, i32> {
+    fn build(&mut self, index: u32) -> Result<squeue::Entry, i32> {
         let slot = self.slots[index as usize].as_ref().ok_or(libc::EINVAL)?;
         let op = &slot.op;
         let file = self.files.get(op.file).ok_or(libc::EBADF)?;
@@ -346,27 +368,53 @@ impl<B: BufSet> Ring<B> {
                 if r.segment as usize >= set.segments() {
                     return Err(libc::EFAULT);
                 }
-                let (base, seg_len) = set.segment(r.segment as usize);
-                let end = (r.offset as u64).checked_add(op.len).ok_or(libc::EINVAL)?;
-                if end > seg_len as u64 {
-                    return Err(libc::EINVAL);
-                }
                 let remaining = u32::try_from(op.len - slot.done).map_err(|_| libc::EINVAL)?;
-                let start = r.offset + slot.done as usize;
-                // SAFETY: start + remaining <= seg_len (checked above), so the
-                // pointer stays inside the segment, which the ring's buffer
-                // table owns while this op is in flight.
-                let ptr = unsafe { base.add(start) };
-                let fixed = self
-                    .arena
-                    .filter(|&(base, len)| {
-                        let p = ptr as usize;
-                        p >= base && p + remaining as usize <= base + len
-                    })
-                    .is_some();
+                // Find where the transfer resumes, then the segments it spans.
+                let (mut seg, mut off) = (r.segment as usize, r.offset + slot.done as usize);
+                while seg < set.segments() && off >= set.segment(seg).1 {
+                    off -= set.segment(seg).1;
+                    seg += 1;
+                }
+                let iov = &mut self.iovs[index as usize];
+                let (mut n, mut left) = (0usize, remaining as usize);
+                while left > 0 {
+                    if seg >= set.segments() || n == MAX_IOV {
+                        return Err(libc::EINVAL);
+                    }
+                    let (base, seg_len) = set.segment(seg);
+                    let take = (seg_len - off).min(left);
+                    // SAFETY: off < seg_len, so the pointer stays inside the
+                    // segment, which the ring's buffer table owns while this
+                    // op is in flight.
+                    iov[n].iov_base = unsafe { base.add(off) }.cast();
+                    iov[n].iov_len = take;
+                    n += 1;
+                    left -= take;
+                    off = 0;
+                    seg += 1;
+                }
+                let ptr = iov[0].iov_base.cast::<u8>();
+                let iov_ptr = iov.as_ptr();
+                let vectored = n > 1;
+                let fixed = !vectored
+                    && self
+                        .arena
+                        .filter(|&(base, len)| {
+                            let p = ptr as usize;
+                            p >= base && p + remaining as usize <= base + len
+                        })
+                        .is_some();
                 macro_rules! rw {
                     ($fd:expr) => {
                         match (op.kind, fixed) {
+                            (OpKind::Read, _) if vectored => {
+                                opcode::Readv::new($fd, iov_ptr, n as u32)
+                                    .offset(offset)
+                                    .build()
+                            }
+                            (_, _) if vectored => opcode::Writev::new($fd, iov_ptr, n as u32)
+                                .offset(offset)
+                                .build(),
                             (OpKind::Read, true) => opcode::ReadFixed::new($fd, ptr, remaining, 0)
                                 .offset(offset)
                                 .build(),
@@ -466,7 +514,18 @@ impl<B: BufSet> Ring<B> {
             0
         };
         let mut delivered = 0;
-        match self.enter(want) {
+        // Nothing to submit, no wait and no completion work pending in the
+        // kernel: the CQ can be read without a syscall.
+        let (queued, taskrun) = {
+            let sq = self.ring.submission();
+            (sq.len(), sq.taskrun())
+        };
+        let enter = if want == 0 && queued == 0 && !taskrun {
+            Ok(())
+        } else {
+            self.enter(want)
+        };
+        match enter {
             Ok(()) => {}
             // Backpressure: reap below, and the caller calls again.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
@@ -632,6 +691,60 @@ mod tests {
         let data = ring.buf(1).unwrap().as_slice();
         assert!(data[..2048].iter().all(|&b| b == 0));
         assert!(data[2048..6144].iter().all(|&b| b == 0x5A));
+    }
+
+    /// Two buffers as one set of two segments.
+    #[derive(Debug)]
+    struct Pair([AlignedBuf; 2]);
+
+    // SAFETY: two distinct heap allocations owned by the value.
+    unsafe impl BufSet for Pair {
+        fn segments(&self) -> usize {
+            2
+        }
+        fn segment(&self, i: usize) -> (*mut u8, usize) {
+            self.0[i.min(1)].segment(0)
+        }
+    }
+
+    #[test]
+    fn an_op_spans_segments_with_vectored_io() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&data).unwrap();
+        let file = Arc::new(std::fs::File::open(f.path()).unwrap());
+        let mut ring: Ring<Pair> = Ring::new(8, 1, vec![file], None).unwrap();
+        let pair = Pair([
+            AlignedBuf::new(4096, 4096).unwrap(),
+            AlignedBuf::new(4096, 4096).unwrap(),
+        ]);
+        ring.attach(0, pair).unwrap();
+        // 6144 bytes from offset 1024: 3072 into the first, 3072 into the second.
+        let mut read = op(OpKind::Read, 1024, 6144, Some(0), 1);
+        read.buf = Some(BufRef {
+            slot: 0,
+            segment: 0,
+            offset: 1024,
+        });
+        ring.push(read).unwrap();
+        let mut done = Vec::new();
+        ring.drain(&mut |c| done.push(c)).unwrap();
+        assert_eq!(done[0].result, Ok(6144));
+        let pair = ring.detach(0).unwrap();
+        assert_eq!(&pair.0[0].as_slice()[1024..], &data[1024..4096]);
+        assert_eq!(&pair.0[1].as_slice()[..3072], &data[4096..7168]);
+        // Past the last segment: EINVAL.
+        ring.attach(0, pair).unwrap();
+        let mut long = op(OpKind::Read, 0, 8193, Some(0), 2);
+        long.buf = Some(BufRef {
+            slot: 0,
+            segment: 0,
+            offset: 0,
+        });
+        ring.push(long).unwrap();
+        let mut done = Vec::new();
+        ring.drain(&mut |c| done.push(c)).unwrap();
+        assert_eq!(done[0].result, Err(libc::EINVAL));
     }
 
     #[test]
