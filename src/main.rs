@@ -24,6 +24,7 @@ enum Command {
     Create(cli::create::Args),
     Info(cli::info::Args),
     Check(cli::check::Args),
+    Bench(cli::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         Command::Create(args) => cli::create::run(args),
         Command::Info(args) => cli::info::run(args),
         Command::Check(args) => cli::check::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

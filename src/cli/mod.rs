@@ -1,5 +1,6 @@
 //! The `ubd` command line: one module per verb.
 
+pub mod bench;
 pub mod check;
 pub mod create;
 pub mod info;
