@@ -46,30 +46,25 @@ impl Worker {
     ) {
         let seg = if buf == owner { self.chunk } else { 2 * SECTOR };
         let byte_pos = |s: u64| pos + (s - sectors.start) * SECTOR;
-        // Reads sectors `from..to` from `file` at `file_off`.
+        // Reads sectors `from..to` from `file` at `file_off`: one op, which
+        // spans the buffer's segments where it must (vectored I/O).
         let run = |w: &mut Worker, file: usize, file_off: u64, from: u64, to: u64| {
-            let mut at = from;
-            while at < to {
-                let p = byte_pos(at);
-                let (segment, off) = (p / seg, p % seg);
-                let n = ((seg - off) / SECTOR).min(to - at);
-                w.emit(
-                    owner,
-                    Op {
-                        kind: OpKind::Read,
-                        file,
-                        offset: file_off + (at - from) * SECTOR,
-                        len: n * SECTOR,
-                        buf: Some(BufRef {
-                            slot: buf,
-                            segment: segment as u32,
-                            offset: off as usize,
-                        }),
-                        tag: tag(purpose, owner),
-                    },
-                );
-                at += n;
-            }
+            let p = byte_pos(from);
+            w.emit(
+                owner,
+                Op {
+                    kind: OpKind::Read,
+                    file,
+                    offset: file_off,
+                    len: (to - from) * SECTOR,
+                    buf: Some(BufRef {
+                        slot: buf,
+                        segment: (p / seg) as u32,
+                        offset: (p % seg) as usize,
+                    }),
+                    tag: tag(purpose, owner),
+                },
+            );
         };
         let (file, base, file_len) = match &self.cow {
             None => (FILE_MAIN, 0, self.main_len),
@@ -305,34 +300,27 @@ impl Worker {
         let Some(r) = self.req(slot) else { return };
         r.stage = Stage::Data;
         let sectors = r.sectors();
-        let base = self.main_offset(sectors.start);
-        let chunk_sectors = self.chunk / SECTOR;
-        let mut at = 0;
-        let total = sectors.end - sectors.start;
+        let offset = self.main_offset(sectors.start);
         // A raw image ends where its file does, maybe inside a sector.
         let limit = if self.cow.is_none() {
             self.main_len
         } else {
             u64::MAX
         };
-        while at < total {
-            let n = (chunk_sectors - at % chunk_sectors).min(total - at);
-            let offset = base + at * SECTOR;
-            let op = Op {
-                kind: OpKind::Write,
-                file: FILE_MAIN,
-                offset,
-                len: (n * SECTOR).min(limit.saturating_sub(offset)),
-                buf: Some(BufRef {
-                    slot,
-                    segment: (at / chunk_sectors) as u32,
-                    offset: ((at % chunk_sectors) * SECTOR) as usize,
-                }),
-                tag: tag(P_DATA, slot),
-            };
-            self.emit(slot, op);
-            at += n;
-        }
+        // One op for the whole request, across its chunks (vectored I/O).
+        let op = Op {
+            kind: OpKind::Write,
+            file: FILE_MAIN,
+            offset,
+            len: ((sectors.end - sectors.start) * SECTOR).min(limit.saturating_sub(offset)),
+            buf: Some(BufRef {
+                slot,
+                segment: 0,
+                offset: 0,
+            }),
+            tag: tag(P_DATA, slot),
+        };
+        self.emit(slot, op);
     }
 
     /// Whole sectors of a WRITE_ZEROES: punch (or zero-allocate) them.

@@ -147,6 +147,8 @@ pub struct Ring<B: BufSet> {
     fixed_files: bool,
     /// The registered arena, as (start, len), if registration worked.
     arena: Option<(usize, usize)>,
+    /// The kernel has READV_FIXED and WRITEV_FIXED (6.15+).
+    vectored_fixed: bool,
     wake_fd: Arc<EventFd>,
     sleeping: Arc<AtomicBool>,
     /// The eventfd read's target; boxed so its address is stable.
@@ -203,6 +205,10 @@ impl<B: BufSet> Ring<B> {
                 (ptr as usize, len)
             })
         });
+        let mut probe = io_uring::Probe::new();
+        let vectored_fixed = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::ReadvFixed::CODE)
+            && probe.is_supported(opcode::WritevFixed::CODE);
         let wake_fd = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?);
         let generations = vec![0; capacity];
         let mut slots = Vec::with_capacity(capacity);
@@ -225,6 +231,7 @@ impl<B: BufSet> Ring<B> {
             files,
             fixed_files,
             arena,
+            vectored_fixed,
             wake_fd,
             sleeping: Arc::new(AtomicBool::new(false)),
             wake_buf: Box::new(0),
@@ -396,14 +403,13 @@ impl<B: BufSet> Ring<B> {
                 let ptr = iov[0].iov_base.cast::<u8>();
                 let iov_ptr = iov.as_ptr();
                 let vectored = n > 1;
-                let fixed = !vectored
-                    && self
-                        .arena
-                        .filter(|&(base, len)| {
-                            let p = ptr as usize;
-                            p >= base && p + remaining as usize <= base + len
-                        })
-                        .is_some();
+                let in_arena = |v: &libc::iovec| {
+                    self.arena.is_some_and(|(base, len)| {
+                        let p = v.iov_base as usize;
+                        p >= base && p + v.iov_len <= base + len
+                    })
+                };
+                let fixed = iov[..n].iter().all(in_arena) && (!vectored || self.vectored_fixed);
                 macro_rules! rw {
                     ($fd:expr) => {
                         match (op.kind, fixed) {
