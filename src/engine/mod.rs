@@ -3,6 +3,7 @@
 //! of the design (docs/design.md) it relies on and who upholds it.
 
 pub mod aligned;
+pub mod alloc_count;
 pub mod bufpool;
 pub mod bufset;
 pub mod dio;
