@@ -1,0 +1,55 @@
+//! `ubd bench` drives the device and reports what it did.
+
+mod common;
+
+use std::fs;
+
+use common::{run, ubd};
+use serde_json::Value;
+
+#[test]
+fn bench_reports_requests_flushes_and_the_reserve_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, common::pseudo_random_bytes(3, 4 << 20)).unwrap();
+    let cow = dir.path().join("scratch.cow");
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    let text = run(ubd()
+        .args([
+            "bench",
+            "--pattern",
+            "randrw",
+            "--block-size",
+            "4K",
+            "--queue-depth",
+            "8",
+            "--count",
+            "500",
+            "--flush-interval",
+            "16",
+            "--fail-alloc",
+            "--output",
+            "json",
+        ])
+        .arg(&cow));
+    let j: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(j["requests"], 500);
+    assert_eq!(j["errors"], 0);
+    assert!(j["flushes"].as_u64().unwrap() >= 1, "{j}");
+    // Fault injection: every allocation went through the reserve path.
+    assert!(j["pool_reserve_allocs"].as_u64().unwrap() >= 500, "{j}");
+    assert!(j["iops"].as_f64().unwrap() > 0.0);
+    assert!(j["lat_us_p50"].as_f64().unwrap() <= j["lat_us_p99"].as_f64().unwrap());
+    // The writes landed in the overlay, which stays sound.
+    let info = common::ubd_info(&cow);
+    assert!(info["sectors_present"].as_u64().unwrap() > 0);
+    run(ubd().arg("check").arg(&cow));
+    // Read patterns open the image read-only; a block bigger than the device fails.
+    let out = common::output(
+        ubd()
+            .args(["bench", "--block-size", "8M", "--count", "1"])
+            .arg(&cow),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than the device"));
+}
