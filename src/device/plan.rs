@@ -264,7 +264,19 @@ impl Worker {
     }
 
     fn write_sector(&mut self, owner: u32, buf: u32, sector: u64, pos: usize) {
-        let offset = self.main_offset(sector);
+        let at = BufRef {
+            slot: buf,
+            segment: 0,
+            offset: pos,
+        };
+        self.emit_write(owner, at, sector..sector + 1);
+    }
+
+    /// Emits one write of `sectors` from `buf` (vectored across its chunks
+    /// where it must). A raw image ends where its file does, maybe inside a
+    /// sector: the write stops there.
+    fn emit_write(&mut self, owner: u32, buf: BufRef, sectors: Range<u64>) {
+        let offset = self.main_offset(sectors.start);
         let limit = if self.cow.is_none() {
             self.main_len
         } else {
@@ -274,12 +286,8 @@ impl Worker {
             kind: OpKind::Write,
             file: FILE_MAIN,
             offset,
-            len: SECTOR.min(limit.saturating_sub(offset)),
-            buf: Some(BufRef {
-                slot: buf,
-                segment: 0,
-                offset: pos,
-            }),
+            len: ((sectors.end - sectors.start) * SECTOR).min(limit.saturating_sub(offset)),
+            buf: Some(buf),
             tag: tag(P_DATA, owner),
         };
         self.emit(owner, op);
@@ -300,27 +308,12 @@ impl Worker {
         let Some(r) = self.req(slot) else { return };
         r.stage = Stage::Data;
         let sectors = r.sectors();
-        let offset = self.main_offset(sectors.start);
-        // A raw image ends where its file does, maybe inside a sector.
-        let limit = if self.cow.is_none() {
-            self.main_len
-        } else {
-            u64::MAX
+        let at = BufRef {
+            slot,
+            segment: 0,
+            offset: 0,
         };
-        // One op for the whole request, across its chunks (vectored I/O).
-        let op = Op {
-            kind: OpKind::Write,
-            file: FILE_MAIN,
-            offset,
-            len: ((sectors.end - sectors.start) * SECTOR).min(limit.saturating_sub(offset)),
-            buf: Some(BufRef {
-                slot,
-                segment: 0,
-                offset: 0,
-            }),
-            tag: tag(P_DATA, slot),
-        };
-        self.emit(slot, op);
+        self.emit_write(slot, at, sectors);
     }
 
     /// Whole sectors of a WRITE_ZEROES: punch (or zero-allocate) them.
