@@ -4,6 +4,7 @@ pub mod bench;
 pub mod check;
 pub mod create;
 pub mod info;
+pub mod progress;
 pub mod units;
 
 use clap::ValueEnum;
