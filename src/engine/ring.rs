@@ -628,6 +628,18 @@ impl<B: BufSet> Drop for Ring<B> {
         if self.drain(&mut drop).is_err() || self.in_flight > 0 {
             let bufs = std::mem::take(&mut self.bufs);
             std::mem::forget(bufs);
+            return;
+        }
+        // Drained: unregister now, synchronously. Left to the ring's
+        // asynchronous teardown, the registered files would keep the image
+        // files (and their OFD locks) open for a while after we are gone,
+        // and the next opener (ubd, qemu-img, UML) would find them locked.
+        let submitter = self.ring.submitter();
+        if self.fixed_files {
+            let _ = submitter.unregister_files();
+        }
+        if self.arena.is_some() {
+            let _ = submitter.unregister_buffers();
         }
     }
 }
