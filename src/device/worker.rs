@@ -211,9 +211,15 @@ impl Worker {
             None => None,
             Some(o) => {
                 let g = o.geometry;
-                let staged = g.bitmap_len.next_multiple_of(BLOCK).max(BLOCK) as usize;
-                let staging = AlignedBuf::new(staged, 4096).ok_or_else(no_mem)?;
-                let _ = ring.attach(mr + SCRATCH, DevBuf::Own(staging));
+                // Bitmap blocks are staged for the flush round; a read-only
+                // device sets no bits and needs no staging. The buffer is
+                // zeroed lazily by the kernel: only blocks a round copies
+                // become resident.
+                if !img.read_only {
+                    let staged = g.bitmap_len.next_multiple_of(BLOCK).max(BLOCK) as usize;
+                    let staging = AlignedBuf::new(staged, 4096).ok_or_else(no_mem)?;
+                    let _ = ring.attach(mr + SCRATCH, DevBuf::Own(staging));
+                }
                 let blocks = g.bitmap_len.div_ceil(BLOCK) as usize;
                 Some(Cow {
                     data_offset: g.data_offset,
