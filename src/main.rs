@@ -25,6 +25,11 @@ enum Command {
     Info(cli::info::Args),
     Check(cli::check::Args),
     Bench(cli::bench::Args),
+    Map(cli::map::Args),
+    Compare(cli::compare::Args),
+    Commit(cli::commit::Args),
+    Rebase(cli::rebase::Args),
+    Convert(cli::convert::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +46,11 @@ fn main() -> ExitCode {
         Command::Info(args) => cli::info::run(args),
         Command::Check(args) => cli::check::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Map(args) => cli::map::run(args),
+        Command::Compare(args) => cli::compare::run(args),
+        Command::Commit(args) => cli::commit::run(args),
+        Command::Rebase(args) => cli::rebase::run(args),
+        Command::Convert(args) => cli::convert::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

@@ -2,9 +2,14 @@
 
 pub mod bench;
 pub mod check;
+pub mod commit;
+pub mod compare;
+pub mod convert;
 pub mod create;
 pub mod info;
+pub mod map;
 pub mod progress;
+pub mod rebase;
 pub mod units;
 
 use clap::ValueEnum;

@@ -13,7 +13,8 @@ static HANDLER: OnceLock<bool> = OnceLock::new();
 /// Catches SIGINT and SIGTERM from now on: they set a flag instead of killing
 /// the process. Returns false if the handler could not be installed.
 pub fn catch_interrupts() -> bool {
-    *HANDLER.get_or_init(|| ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)).is_ok())
+    *HANDLER
+        .get_or_init(|| ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst)).is_ok())
 }
 
 /// Whether Ctrl-C (or SIGTERM) arrived since `catch_interrupts`.

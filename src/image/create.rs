@@ -56,7 +56,9 @@ fn open_target(
             });
         }
     }
-    lock(&file, path, LockKind::Exclusive, Duration::ZERO)?;
+    // Briefly retried: a process that just closed an io_uring ring over the
+    // file releases its lock a little later.
+    lock(&file, path, LockKind::Exclusive, Duration::from_millis(500))?;
     file.set_len(0).map_err(|e| io_err("cannot truncate", e))?;
     Ok((file, false))
 }

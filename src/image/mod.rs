@@ -57,7 +57,7 @@ pub enum ImageError {
 
 /// Reads into `buf` at `offset` until it is full or the file ends; returns the
 /// number of bytes read.
-pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {

@@ -1,0 +1,652 @@
+//! `ubd convert`: merge an overlay (or copy a raw image) into a new sparse raw
+//! image, as `uml_moo COW OUT` does; and with `--import`, the way back: a new
+//! overlay over a base holding only the sectors where a raw image differs.
+//!
+//! Reads go through the block device (so OUT is what a reader of the device
+//! sees); OUT is written with plain file I/O and synced before success is
+//! reported. Ctrl-C stops between pieces and removes the partial file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+use serde::Serialize;
+use ubd::device::{Device, DeviceError, DeviceOptions, Flags};
+use ubd::image::{self, Image, ImageError, LockKind};
+
+use super::progress::{Progress, catch_interrupts, interrupted};
+use super::units::format_size;
+use super::{Outcome, Output};
+
+/// Bytes read (and compared) at a time.
+const PIECE: u64 = 4 << 20;
+/// Bytes asked about in one block-status request.
+const WINDOW: u64 = 1 << 30;
+/// OUT is written (or left a hole) in blocks of this many bytes.
+const BLOCK: u64 = 4096;
+/// Zero ranges shorter than this between data are read rather than skipped.
+const MIN_SKIP: u64 = 1 << 20;
+const SECTOR: u64 = 512;
+/// Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+const INTERRUPTED: u8 = 130;
+
+/// The one output format there is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+}
+
+fn parse_format(text: &str) -> Result<Format, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "raw" => Ok(Format::Raw),
+        _ => Err(format!(
+            "ubd convert writes raw images only (-O raw), not {text:?}; \
+             convert the raw result further with `qemu-img convert -f raw -O {text} OUT NEW`"
+        )),
+    }
+}
+
+/// Merge an overlay into a new raw image, or import a raw image as an overlay.
+///
+/// `ubd convert COW OUT` writes OUT, a new raw disk image holding what the
+/// overlay COW reads as: the overlay's own sectors where it has them, its
+/// backing file's everywhere else. This is what `uml_moo COW OUT` makes, byte
+/// for byte, except that ubd keeps a trailing partial sector of the backing
+/// file (uml_moo drops it) and handles images past 2 TiB. OUT is exactly as
+/// long as the backing file, and sparse: ranges that read as zeros are left
+/// as holes. OUT is synced to disk before ubd reports success. COW may also be
+/// a raw image, which is then copied (sparsely). Neither COW nor its backing
+/// file is changed.
+///
+/// `ubd convert --import RAW --backing BASE COW` goes the other way: it
+/// creates a new overlay COW over BASE holding exactly the 512-byte sectors
+/// where RAW differs from BASE (the two must be the same size). COW read over
+/// BASE then gives RAW, and takes only the space of the differences.
+///
+/// An existing OUT (or COW, with --import) is refused unless --force is given.
+/// Ctrl-C stops the work and removes the unfinished file (exit status 130).
+///
+/// Examples:
+///   ubd convert vm.cow merged.img
+///   ubd convert -O raw --backing /new/place/base.img vm.cow merged.img
+///   ubd convert --import edited.img --backing base.img edited.cow
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Format of OUT. Only `raw` (a plain disk image) is supported.
+    #[arg(short = 'O', long = "output-format", value_name = "FORMAT",
+          default_value = "raw", value_parser = parse_format)]
+    format: Format,
+    /// Import RAW: make COW a new overlay over --backing BASE holding the
+    /// sectors where RAW differs from BASE.
+    #[arg(long, value_name = "RAW")]
+    import: Option<PathBuf>,
+    /// Without --import: read this backing file instead of the one the
+    /// overlay names (for a backing file that has moved). With --import: the
+    /// base the new overlay reads unchanged sectors from (required).
+    #[arg(short, long, value_name = "PATH")]
+    backing: Option<PathBuf>,
+    /// Replace the file to be written if it exists. A file another process
+    /// holds locked, the source and its backing file are never replaced.
+    #[arg(short, long)]
+    force: bool,
+    /// Report as text or JSON.
+    #[arg(long, value_enum, default_value_t)]
+    output: Output,
+    /// The overlay (or raw image) to convert; with --import, the overlay to create.
+    #[arg(value_name = "COW")]
+    source: PathBuf,
+    /// The raw image to create (not with --import).
+    #[arg(value_name = "OUT")]
+    target: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct MergeReport {
+    filename: String,
+    format: &'static str,
+    source: String,
+    virtual_size: u64,
+    /// Bytes written to OUT (the rest are holes).
+    data_written: u64,
+    /// Bytes OUT takes on disk.
+    actual_size: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ImportReport {
+    filename: String,
+    format: &'static str,
+    source: String,
+    backing_file: String,
+    virtual_size: u64,
+    /// Sectors that differ, now present in the overlay.
+    sectors_present: u64,
+}
+
+pub fn run(args: Args) -> Outcome {
+    let Format::Raw = args.format;
+    match &args.import {
+        Some(raw) => {
+            let Some(base) = &args.backing else {
+                return Err("--import RAW needs --backing BASE: the base image the new \
+                            overlay reads unchanged sectors from"
+                    .into());
+            };
+            if let Some(extra) = &args.target {
+                return Err(format!(
+                    "with --import, give only the overlay to create ({}), not also {}",
+                    args.source.display(),
+                    extra.display()
+                )
+                .into());
+            }
+            import(raw, base, &args.source, args.force, args.output)
+        }
+        None => {
+            let Some(target) = &args.target else {
+                return Err(format!(
+                    "give the raw image to write: ubd convert {} OUT",
+                    args.source.display()
+                )
+                .into());
+            };
+            merge(
+                &args.source,
+                args.backing.as_deref(),
+                target,
+                args.force,
+                args.output,
+            )
+        }
+    }
+}
+
+/// A device error as one line that names the file (image errors already do).
+fn device_err(path: &Path, e: DeviceError) -> Box<dyn std::error::Error> {
+    match e {
+        DeviceError::Image(e) => e.into(),
+        e => format!("{}: {}", path.display(), ubd::error_chain(&e)).into(),
+    }
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl Fn(io::Error) -> ImageError + 'a {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Whether `a` and `b` name the same file (both must exist).
+fn same_file(a: &fs::Metadata, b: &Path) -> bool {
+    fs::metadata(b).is_ok_and(|b| (a.dev(), a.ino()) == (b.dev(), b.ino()))
+}
+
+/// Opens `path` to be written from scratch: a new file, or with `force` an
+/// existing one that is none of `keep`, locked and truncated to nothing.
+fn open_target(path: &Path, force: bool, keep: &[&Path]) -> Result<File, ImageError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if !force {
+                return Err(ImageError::Exists {
+                    path: path.to_path_buf(),
+                });
+            }
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_err(path, "cannot open"))?;
+            let meta = file.metadata().map_err(io_err(path, "cannot stat"))?;
+            if let Some(other) = keep.iter().find(|k| same_file(&meta, k)) {
+                return Err(ImageError::Io {
+                    path: path.to_path_buf(),
+                    op: "refusing to overwrite it",
+                    source: io::Error::other(format!(
+                        "it is the same file as {}, which is being read",
+                        other.display()
+                    )),
+                });
+            }
+            file
+        }
+        Err(e) => return Err(io_err(path, "cannot create")(e)),
+    };
+    image::lock(&file, path, LockKind::Exclusive, Duration::ZERO)?;
+    file.set_len(0).map_err(io_err(path, "cannot truncate"))?;
+    Ok(file)
+}
+
+/// Removes a half-written file; says so on stderr.
+fn discard(path: &Path, why: &str) {
+    match fs::remove_file(path) {
+        Ok(()) => eprintln!("ubd: {why}: removed the unfinished {}", path.display()),
+        Err(e) => eprintln!(
+            "ubd: {why}: could not remove the unfinished {}: {e}",
+            path.display()
+        ),
+    }
+}
+
+/// `[start, end)` ranges of `start..end` that hold data, from block status
+/// extents: zero gaps shorter than `MIN_SKIP` are folded into the data around
+/// them, and anything the extents leave out counts as data.
+fn data_ranges(extents: &[ubd::device::Extent], start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut push = |from: u64, to: u64| match out.last_mut() {
+        Some(last) if from - last.1 < MIN_SKIP => last.1 = to,
+        _ => out.push((from, to)),
+    };
+    let mut at = start;
+    for e in extents {
+        if at >= end {
+            break;
+        }
+        let e_end = at.saturating_add(e.len).min(end);
+        if !e.zero {
+            push(at, e_end);
+        }
+        at = e_end;
+    }
+    if at < end {
+        push(at, end);
+    }
+    out
+}
+
+/// Writes the blocks of `buf` (which holds OUT's bytes from `offset`) that
+/// are not all zeros, coalesced; returns the bytes written.
+fn write_nonzero(out: &File, path: &Path, buf: &[u8], offset: u64) -> Result<u64, ImageError> {
+    static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+    let end = offset + buf.len() as u64;
+    let mut written = 0;
+    let mut run: Option<u64> = None;
+    let mut at = offset;
+    let flush_run = |from: u64, to: u64| -> Result<u64, ImageError> {
+        let slice = &buf[(from - offset) as usize..(to - offset) as usize];
+        out.write_all_at(slice, from)
+            .map_err(io_err(path, "cannot write"))?;
+        Ok(to - from)
+    };
+    while at < end {
+        let block_end = (at / BLOCK + 1).saturating_mul(BLOCK).min(end);
+        let block = &buf[(at - offset) as usize..(block_end - offset) as usize];
+        let zero = block == &ZEROS[..block.len()];
+        match (zero, run) {
+            (true, Some(from)) => {
+                written += flush_run(from, at)?;
+                run = None;
+            }
+            (false, None) => run = Some(at),
+            _ => {}
+        }
+        at = block_end;
+    }
+    if let Some(from) = run {
+        written += flush_run(from, end)?;
+    }
+    Ok(written)
+}
+
+/// What a merge ended with.
+enum Merged {
+    Done { written: u64 },
+    Interrupted,
+}
+
+fn merge(
+    source: &Path,
+    backing: Option<&Path>,
+    target: &Path,
+    force: bool,
+    output: Output,
+) -> Outcome {
+    catch_interrupts();
+    // The size OUT gets: the backing file's (the header's), not the device's
+    // capacity, which rounds it up to whole sectors.
+    let (size, backing_path) = match Image::probe(source)? {
+        Image::Cow(cow) => {
+            let path = cow.backing_path(backing).to_path_buf();
+            (cow.header.size, Some(path))
+        }
+        Image::Raw(raw) => {
+            if let Some(b) = backing {
+                return Err(format!(
+                    "{} is a raw image, not an overlay: it has no backing file to replace with {}",
+                    source.display(),
+                    b.display()
+                )
+                .into());
+            }
+            (raw.len, None)
+        }
+    };
+    let opts = DeviceOptions {
+        read_only: true,
+        backing: backing.map(Path::to_path_buf),
+        ..Default::default()
+    };
+    let dev = Device::open(source, &opts).map_err(|e| device_err(source, e))?;
+    if dev.capacity() < size {
+        return Err(format!(
+            "{}: the device holds {} bytes, fewer than the {size} its header promises",
+            source.display(),
+            dev.capacity()
+        )
+        .into());
+    }
+    let mut keep = vec![source];
+    keep.extend(backing_path.as_deref());
+    let out = open_target(target, force, &keep)?;
+    let result = copy_device(&dev, source, &out, target, size);
+    let closed = dev.close().map_err(|e| device_err(source, e));
+    let written = match result.and_then(|m| closed.map(|()| m)) {
+        Ok(Merged::Done { written }) => written,
+        Ok(Merged::Interrupted) => {
+            drop(out);
+            discard(target, "interrupted");
+            return Ok(INTERRUPTED);
+        }
+        Err(e) => {
+            drop(out);
+            discard(target, "failed");
+            return Err(e);
+        }
+    };
+    let allocated = out.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+    drop(out);
+    let (file, src) = (target.to_string_lossy(), source.to_string_lossy());
+    match output {
+        Output::Json => {
+            let report = MergeReport {
+                filename: file.into_owned(),
+                format: "raw",
+                source: src.into_owned(),
+                virtual_size: size,
+                data_written: written,
+                actual_size: allocated,
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Output::Human => println!(
+            "Converted {src} to raw image {file}, {} ({size} bytes); {} of data written, \
+             the rest left as holes",
+            format_size(size),
+            format_size(written),
+        ),
+    }
+    Ok(0)
+}
+
+/// Copies the device's first `size` bytes into `out`, which is empty: sets
+/// its length, writes the blocks that are not zero, and syncs it.
+fn copy_device(
+    dev: &Device,
+    source: &Path,
+    out: &File,
+    target: &Path,
+    size: u64,
+) -> Result<Merged, Box<dyn std::error::Error>> {
+    out.set_len(size)
+        .map_err(io_err(target, "cannot set the length of"))?;
+    let progress = Progress::new(size, "Converting");
+    let mut buf = vec![0u8; PIECE as usize];
+    let mut written = 0;
+    let mut reported = 0;
+    let mut window = 0;
+    while window < size {
+        let window_end = window.saturating_add(WINDOW).min(size);
+        let extents = dev
+            .block_status(window, window_end - window)
+            .map_err(|e| device_err(source, e))?;
+        for (start, end) in data_ranges(&extents, window, window_end) {
+            let mut at = start;
+            while at < end {
+                if interrupted() {
+                    progress.finish();
+                    return Ok(Merged::Interrupted);
+                }
+                let piece_end = (at / PIECE + 1).saturating_mul(PIECE).min(end);
+                let piece = &mut buf[..(piece_end - at) as usize];
+                dev.read_at(at, piece).map_err(|e| device_err(source, e))?;
+                written += write_nonzero(out, target, piece, at)?;
+                progress.inc(piece_end - reported);
+                reported = piece_end;
+                at = piece_end;
+            }
+        }
+        progress.inc(window_end - reported);
+        reported = window_end;
+        window = window_end;
+        if interrupted() {
+            progress.finish();
+            return Ok(Merged::Interrupted);
+        }
+    }
+    out.sync_all().map_err(io_err(target, "cannot sync"))?;
+    progress.finish();
+    Ok(Merged::Done { written })
+}
+
+/// Where the next data at or after `at` starts in `file` (`len` if none).
+fn next_data(file: &File, at: u64, len: u64) -> u64 {
+    let Ok(pos) = i64::try_from(at) else {
+        return at;
+    };
+    match lseek(file.as_fd(), pos, Whence::SeekData) {
+        Ok(d) => (d as u64).min(len),
+        Err(Errno::ENXIO) => len,
+        // No SEEK_DATA here: everything counts as data.
+        Err(_) => at,
+    }
+}
+
+/// Fills `buf` from `file` at `offset`; zeros past the end of the file.
+fn read_padded(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(path, "cannot read")(e)),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+fn import(raw: &Path, base: &Path, cow: &Path, force: bool, output: Output) -> Outcome {
+    catch_interrupts();
+    if let Image::Cow(_) = Image::probe(raw)? {
+        return Err(format!(
+            "{} is a UML COW overlay, not a raw image: `ubd convert {} OUT` makes a raw image of it",
+            raw.display(),
+            raw.display()
+        )
+        .into());
+    }
+    let raw_file = File::open(raw).map_err(io_err(raw, "cannot open"))?;
+    let base_file = File::open(base).map_err(io_err(base, "cannot open"))?;
+    let raw_len = image::stamp(raw)?.size;
+    let base_len = image::stamp(base)?.size;
+    if raw_len != base_len {
+        return Err(format!(
+            "{} is {raw_len} bytes but {} is {base_len} bytes: an overlay has exactly its \
+             backing file's size, so RAW and BASE must be the same size",
+            raw.display(),
+            base.display()
+        )
+        .into());
+    }
+    if let Ok(meta) = fs::metadata(cow)
+        && same_file(&meta, raw)
+    {
+        return Err(format!(
+            "refusing to create {} over itself: it is the image to import, {}",
+            cow.display(),
+            raw.display()
+        )
+        .into());
+    }
+    let header = image::create_overlay(cow, base, force)?;
+    let opts = DeviceOptions {
+        read_only: false,
+        ..Default::default()
+    };
+    let dev = match Device::open(cow, &opts) {
+        Ok(dev) => dev,
+        Err(e) => {
+            discard(cow, "failed");
+            return Err(device_err(cow, e));
+        }
+    };
+    let files = Pair {
+        raw: (&raw_file, raw),
+        base: (&base_file, base),
+    };
+    let result = files.write_differences(&dev, cow, raw_len);
+    let result = result.and_then(|r| {
+        if let Imported::Done { .. } = r {
+            dev.flush().map_err(|e| device_err(cow, e))?;
+        }
+        Ok(r)
+    });
+    let closed = dev.close().map_err(|e| device_err(cow, e));
+    drop(dev);
+    let sectors = match result.and_then(|r| closed.map(|()| r)) {
+        Ok(Imported::Done { sectors }) => sectors,
+        Ok(Imported::Interrupted) => {
+            discard(cow, "interrupted");
+            return Ok(INTERRUPTED);
+        }
+        Err(e) => {
+            discard(cow, "failed");
+            return Err(e);
+        }
+    };
+    let (file, src) = (cow.to_string_lossy(), raw.to_string_lossy());
+    let capacity = header.size.next_multiple_of(SECTOR);
+    match output {
+        Output::Json => {
+            let report = ImportReport {
+                filename: file.into_owned(),
+                format: "cow",
+                source: src.into_owned(),
+                backing_file: header.backing_file.to_string_lossy().into_owned(),
+                virtual_size: capacity,
+                sectors_present: sectors,
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Output::Human => println!(
+            "Imported {src} as overlay {file} over {}, {} ({capacity} bytes): \
+             {sectors} sectors differ ({})",
+            header.backing_file.display(),
+            format_size(capacity),
+            format_size(sectors * SECTOR),
+        ),
+    }
+    Ok(0)
+}
+
+enum Imported {
+    Done { sectors: u64 },
+    Interrupted,
+}
+
+/// The image to import and its base, each with its name.
+struct Pair<'a> {
+    raw: (&'a File, &'a Path),
+    base: (&'a File, &'a Path),
+}
+
+impl Pair<'_> {
+    /// Compares the two files piece by piece and writes the sectors where
+    /// they differ to the device, in runs. Ranges that are holes in both are
+    /// skipped unread.
+    fn write_differences(
+        &self,
+        dev: &Device,
+        cow: &Path,
+        len: u64,
+    ) -> Result<Imported, Box<dyn std::error::Error>> {
+        let progress = Progress::new(len, "Importing");
+        let mut a = vec![0u8; PIECE as usize];
+        let mut b = vec![0u8; PIECE as usize];
+        let mut sectors = 0;
+        let mut at = 0;
+        while at < len {
+            if interrupted() {
+                progress.finish();
+                return Ok(Imported::Interrupted);
+            }
+            // Skip what is a hole in both files, in whole sectors.
+            let data = next_data(self.raw.0, at, len).min(next_data(self.base.0, at, len));
+            let skip_to = (data / SECTOR * SECTOR).max(at);
+            if skip_to > at {
+                progress.inc(skip_to - at);
+                at = skip_to;
+                continue;
+            }
+            let piece_end = (at / PIECE + 1).saturating_mul(PIECE).min(len);
+            // Whole sectors: the last piece runs to the capacity, zero-padded.
+            let n = (piece_end.next_multiple_of(SECTOR) - at) as usize;
+            read_padded(self.raw.0, self.raw.1, &mut a[..n], at)?;
+            read_padded(self.base.0, self.base.1, &mut b[..n], at)?;
+            if a[..n] != b[..n] {
+                sectors += write_runs(dev, cow, &a[..n], &b[..n], at)?;
+            }
+            progress.inc(piece_end - at);
+            at = piece_end;
+        }
+        progress.finish();
+        Ok(Imported::Done { sectors })
+    }
+}
+
+/// Writes to the device the runs of sectors where `new` differs from `old`
+/// (both hold whole sectors from `offset`); returns the sectors written.
+fn write_runs(
+    dev: &Device,
+    cow: &Path,
+    new: &[u8],
+    old: &[u8],
+    offset: u64,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    let s = SECTOR as usize;
+    let count = new.len() / s;
+    let differs = |i: usize| new[i * s..(i + 1) * s] != old[i * s..(i + 1) * s];
+    let mut sectors = 0;
+    let mut i = 0;
+    while i < count {
+        if !differs(i) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < count && differs(i) {
+            i += 1;
+        }
+        dev.write_at(
+            offset + (first * s) as u64,
+            &new[first * s..i * s],
+            Flags::default(),
+        )
+        .map_err(|e| device_err(cow, e))?;
+        sectors += (i - first) as u64;
+    }
+    Ok(sectors)
+}
