@@ -279,6 +279,13 @@ echo "UBD-READBACK want=$want got=$got"
     uml_moo(&cow, &merged);
     let merged_data = fs::read(&merged).expect("read the merged image");
     assert_eq!(merged_data.len(), base_data.len(), "merged image size");
+    // `ubd convert` of the overlay UML wrote equals uml_moo's merge.
+    let converted = dir.path().join("converted2.img");
+    run(ubd().arg("convert").arg(&cow).arg(&converted));
+    assert!(
+        fs::read(&converted).expect("read the converted image") == merged_data,
+        "ubd convert differs from uml_moo on an overlay UML wrote"
+    );
     let end = offset + PAYLOAD_LEN;
     assert!(
         merged_data[..offset] == base_data[..offset],
