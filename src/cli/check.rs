@@ -6,6 +6,7 @@ use serde::Serialize;
 use ubd::image::{BackingState, CowImage, Image, ImageError};
 use ubd_cow::CowError;
 
+use super::progress::Progress;
 use super::units::format_size;
 use super::{Outcome, Output};
 
@@ -69,7 +70,11 @@ fn examine(
             None,
         ));
     }
-    let scan = match cow.scan_bitmap() {
+    // A bitmap is 1/4096 of the disk: 256 MiB for 1 TiB. Show progress.
+    let progress = Progress::new(g.bitmap_len, "check");
+    let scan = cow.scan_bitmap_with(|n| progress.inc(n));
+    progress.finish();
+    let scan = match scan {
         Ok(scan) => scan,
         Err(ImageError::Format { source, .. }) => {
             return Ok((CORRUPT, format!("truncated: {source}"), None));

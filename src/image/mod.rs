@@ -171,6 +171,12 @@ impl CowImage {
 
     /// Reads the whole bitmap, a chunk at a time, and counts what it holds.
     pub fn scan_bitmap(&self) -> Result<BitmapScan, ImageError> {
+        self.scan_bitmap_with(|_| {})
+    }
+
+    /// Like [`CowImage::scan_bitmap`], telling `done` how many bitmap bytes
+    /// each chunk held (for a progress bar).
+    pub fn scan_bitmap_with(&self, mut done: impl FnMut(u64)) -> Result<BitmapScan, ImageError> {
         self.check_len()?;
         const CHUNK: u64 = 1 << 20;
         let g = &self.geometry;
@@ -204,6 +210,7 @@ impl CowImage {
             scan.present += bitmap.count_present();
             scan.stray += bitmap.stray_bits();
             at += len as u64;
+            done(len as u64);
         }
         Ok(scan)
     }
