@@ -3,7 +3,6 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -174,17 +173,7 @@ fn commit_refuses_a_locked_overlay_and_a_changed_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let (base, cow) = overlay(dir.path(), 1 << 20, 0);
     let before = fs::read(&base).unwrap();
-    let mut holder = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg("import fcntl, sys, time\nf = open(sys.argv[1], 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(60)\n")
-        .arg(&cow)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut holder = common::hold_posix_lock(&cow);
     let out = output(ubd().arg("commit").arg(&cow));
     holder.kill().unwrap();
     holder.wait().unwrap();

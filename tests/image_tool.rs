@@ -4,10 +4,9 @@
 mod common;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{output, run, tool, ubd, ubd_info as info};
 use serde_json::Value;
@@ -274,24 +273,7 @@ fn create_force_refuses_a_locked_overlay() {
     let cow = dir.path().join("cow");
     uml_mkcow(&cow, &base);
     set_bits(&cow, &[5]);
-    let mut holder = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(
-            "import fcntl, sys, time\n\
-             f = open(sys.argv[1], 'r+')\n\
-             fcntl.lockf(f, fcntl.LOCK_EX)\n\
-             print('locked', flush=True)\n\
-             time.sleep(60)\n",
-        )
-        .arg(&cow)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(holder.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut holder = common::hold_posix_lock(&cow);
     let out = output(
         ubd()
             .args(["create", "--force", "--backing"])

@@ -330,15 +330,20 @@ impl Worker {
         } else {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         };
+        self.emit_fallocate(slot, mode, start..end);
+    }
+
+    /// Emits `fallocate(mode)` over the overlay's (or raw image's) `sectors`.
+    fn emit_fallocate(&mut self, owner: u32, mode: i32, sectors: Range<u64>) {
         let op = Op {
             kind: OpKind::Fallocate { mode },
             file: FILE_MAIN,
-            offset: self.main_offset(start),
-            len: (end - start) * SECTOR,
+            offset: self.main_offset(sectors.start),
+            len: (sectors.end - sectors.start) * SECTOR,
             buf: None,
-            tag: tag(P_DATA, slot),
+            tag: tag(P_DATA, owner),
         };
-        self.emit(slot, op);
+        self.emit(owner, op);
     }
 
     /// TRIM: punch holes where whole present sectors (or a raw image's whole
@@ -357,15 +362,7 @@ impl Worker {
                 }
             };
             if present {
-                let op = Op {
-                    kind: OpKind::Fallocate { mode },
-                    file: FILE_MAIN,
-                    offset: self.main_offset(at),
-                    len: (next - at) * SECTOR,
-                    buf: None,
-                    tag: tag(P_DATA, slot),
-                };
-                self.emit(slot, op);
+                self.emit_fallocate(slot, mode, at..next);
             }
             at = next;
         }

@@ -141,3 +141,32 @@ pub fn ubd_info(path: &Path) -> serde_json::Value {
     serde_json::from_str(&json)
         .unwrap_or_else(|e| panic!("`ubd info --output json` printed invalid JSON ({e}):\n{json}"))
 }
+
+/// Holds a POSIX record lock (as UML takes) on `path` from another process
+/// until the returned child is killed; returns once the lock is held.
+pub fn hold_posix_lock(path: &Path) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut holder = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'r+')\n\
+             fcntl.lockf(f, fcntl.LOCK_EX)\n\
+             print('locked', flush=True)\n\
+             time.sleep(60)\n",
+        )
+        .arg(path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3 to hold a lock");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.as_mut().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("read the lock holder's output");
+    assert_eq!(
+        line.trim(),
+        "locked",
+        "the lock holder did not take the lock"
+    );
+    holder
+}
