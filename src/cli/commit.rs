@@ -228,7 +228,7 @@ pub fn run(args: Args) -> Outcome {
         return Err(format!("{}: {problem}; refusing to commit", args.file.display()).into());
     }
     let backing_file = Arc::new(open_locked(&backing, LockKind::Exclusive)?);
-    let mut bitmap = vec![0u8; cow.geometry.bitmap_len as usize];
+    let mut bitmap = image::bitmap_buffer(&args.file, cow.geometry.bitmap_len)?;
     let got = image::read_full_at(&cow_file, &mut bitmap, cow.geometry.bitmap_offset)
         .map_err(|e| format!("{}: cannot read the bitmap: {e}", args.file.display()))?;
     if got < bitmap.len() {

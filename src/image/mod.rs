@@ -55,6 +55,24 @@ pub enum ImageError {
     MtimeOutOfRange { path: PathBuf, mtime: i64 },
 }
 
+/// A zeroed buffer for `path`'s bitmap of `len` bytes, or a clear error when
+/// the header claims a bitmap too large to hold (a lying or huge header).
+pub fn bitmap_buffer(path: &Path, len: u64) -> Result<Vec<u8>, ImageError> {
+    let too_big = || ImageError::Io {
+        path: path.to_path_buf(),
+        op: "cannot hold the bitmap in memory",
+        source: io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("the header claims a {len}-byte bitmap"),
+        ),
+    };
+    let len = usize::try_from(len).map_err(|_| too_big())?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| too_big())?;
+    buf.resize(len, 0);
+    Ok(buf)
+}
+
 /// Reads into `buf` at `offset` until it is full or the file ends; returns the
 /// number of bytes read.
 pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -187,6 +205,25 @@ impl CowImage {
         };
         let mut at = 0;
         while at < g.bitmap_len {
+            // Holes in the bitmap hold no bits: skip them (a sparse file
+            // whose header claims a huge bitmap is read in moments).
+            let here = g.bitmap_offset + at;
+            let data = match i64::try_from(here) {
+                Ok(pos) => match nix::unistd::lseek(&self.file, pos, nix::unistd::Whence::SeekData)
+                {
+                    Ok(d) => Some((d as u64).max(here)),
+                    Err(nix::errno::Errno::ENXIO) => None,
+                    // No SEEK_DATA here: read everything.
+                    Err(_) => Some(here),
+                },
+                Err(_) => Some(here),
+            };
+            let skip_to = data.map_or(g.bitmap_len, |d| (d - g.bitmap_offset).min(g.bitmap_len));
+            if skip_to > at {
+                done(skip_to - at);
+                at = skip_to;
+                continue;
+            }
             let len = (g.bitmap_len - at).min(CHUNK) as usize;
             let chunk = &mut buf[..len];
             let n = read_full_at(&self.file, chunk, g.bitmap_offset + at).map_err(|source| {

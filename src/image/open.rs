@@ -181,7 +181,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
     )?;
     let backing_len = len_of(&backing_file, &backing_path)?;
 
-    let mut bitmap = vec![0u8; geometry.bitmap_len as usize];
+    let mut bitmap = super::bitmap_buffer(path, geometry.bitmap_len)?;
     let got = read_full_at(&probe, &mut bitmap, geometry.bitmap_offset).map_err(|source| {
         ImageError::Io {
             path: path.to_path_buf(),
