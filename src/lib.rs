@@ -7,6 +7,7 @@
 pub mod device;
 pub mod engine;
 pub mod image;
+pub mod nbd;
 
 /// An error and its sources as one line: `outer: inner: innermost`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
