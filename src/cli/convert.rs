@@ -8,13 +8,10 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
 use serde::Serialize;
 use ubd::device::{Device, DeviceError, DeviceOptions, Flags};
 use ubd::image::{self, Image, ImageError, LockKind};
@@ -440,30 +437,9 @@ fn copy_device(
     Ok(Merged::Done { written })
 }
 
-/// Where the next data at or after `at` starts in `file` (`len` if none).
-fn next_data(file: &File, at: u64, len: u64) -> u64 {
-    let Ok(pos) = i64::try_from(at) else {
-        return at;
-    };
-    match lseek(file.as_fd(), pos, Whence::SeekData) {
-        Ok(d) => (d as u64).min(len),
-        Err(Errno::ENXIO) => len,
-        // No SEEK_DATA here: everything counts as data.
-        Err(_) => at,
-    }
-}
-
 /// Fills `buf` from `file` at `offset`; zeros past the end of the file.
 fn read_padded(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), ImageError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_err(path, "cannot read")(e)),
-        }
-    }
+    let done = image::read_full_at(file, buf, offset).map_err(io_err(path, "cannot read"))?;
     buf[done..].fill(0);
     Ok(())
 }
@@ -594,7 +570,8 @@ impl Pair<'_> {
                 return Ok(Imported::Interrupted);
             }
             // Skip what is a hole in both files, in whole sectors.
-            let data = next_data(self.raw.0, at, len).min(next_data(self.base.0, at, len));
+            let data =
+                image::next_data(self.raw.0, at, len).min(image::next_data(self.base.0, at, len));
             let skip_to = (data / SECTOR * SECTOR).max(at);
             if skip_to > at {
                 progress.inc(skip_to - at);

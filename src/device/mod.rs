@@ -25,6 +25,7 @@ mod plan;
 mod status;
 mod worker;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -292,11 +293,6 @@ impl Device {
         &self.pool
     }
 
-    /// The sequencer's counters: tickets started and submitted.
-    pub fn tickets(&self) -> (u32, u32) {
-        (self.seq.started(), self.seq.submitted())
-    }
-
     fn chunks_for(&self, offset: u64, len: u64) -> Result<usize, Errno> {
         if len > self.max_io {
             return Err(Errno::EINVAL);
@@ -435,12 +431,19 @@ impl Device {
         })
     }
 
+    /// `(device offset, range of the caller's buffer)` pieces of at most
+    /// `max_io` bytes covering `len` bytes at `offset`.
+    fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (u64, Range<usize>)> {
+        let max = self.max_io as usize;
+        (0..len)
+            .step_by(max.max(1))
+            .map(move |done| (offset + done as u64, done..(done + max).min(len)))
+    }
+
     /// Reads `buf.len()` bytes at `offset`, in pieces of at most `max_io`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let n = (buf.len() - done).min(self.max_io as usize);
+        for (at, range) in self.pieces(offset, buf.len()) {
+            let n = range.len();
             let io_err = |errno| DeviceError::Io {
                 op: "read",
                 offset: at,
@@ -461,18 +464,15 @@ impl Device {
             let Reply::Data(chunks) = reply else {
                 return Err(io_err(Errno::EIO));
             };
-            chunks.copy_to_at((at % 512) as usize, &mut buf[done..done + n]);
-            done += n;
+            chunks.copy_to_at((at % 512) as usize, &mut buf[range]);
         }
         Ok(())
     }
 
     /// Writes `buf` at `offset`, in pieces of at most `max_io`.
     pub fn write_at(&self, offset: u64, buf: &[u8], flags: Flags) -> Result<(), DeviceError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let n = (buf.len() - done).min(self.max_io as usize);
+        for (at, range) in self.pieces(offset, buf.len()) {
+            let n = range.len();
             let io_err = |errno| DeviceError::Io {
                 op: "write",
                 offset: at,
@@ -480,7 +480,7 @@ impl Device {
                 errno,
             };
             let mut data = self.alloc(at, n as u64).map_err(io_err)?;
-            data.copy_from_at((at % 512) as usize, &buf[done..done + n]);
+            data.copy_from_at((at % 512) as usize, &buf[range]);
             self.call(Request {
                 command: Command::Write,
                 offset: at,
@@ -490,7 +490,6 @@ impl Device {
                 token: 0,
             })
             .map_err(io_err)?;
-            done += n;
         }
         Ok(())
     }

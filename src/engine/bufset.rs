@@ -74,14 +74,6 @@ impl DevBuf {
             }
         }
     }
-
-    /// Segment size: positions `pos` map to segment `pos / size`.
-    pub fn segment_size(&self) -> usize {
-        match self {
-            DevBuf::Own(b) => b.as_slice().len(),
-            DevBuf::Pool(c) => c.chunk_size(),
-        }
-    }
 }
 
 // SAFETY: delegates to the two implementations above, whose promises hold for

@@ -258,11 +258,6 @@ impl<B: BufSet> Ring<B> {
         self.free.len()
     }
 
-    /// Whether files and the arena are registered (for stats and tests).
-    pub fn registered(&self) -> (bool, bool) {
-        (self.fixed_files, self.arena.is_some())
-    }
-
     /// Attaches `buf` at buffer slot `slot`; gives it back if the slot is
     /// taken or out of range.
     pub fn attach(&mut self, slot: u32, buf: B) -> Result<(), B> {

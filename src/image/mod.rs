@@ -73,6 +73,20 @@ pub fn bitmap_buffer(path: &Path, len: u64) -> Result<Vec<u8>, ImageError> {
     Ok(buf)
 }
 
+/// Where the next data at or after `at` starts in `file` (SEEK_DATA), at most
+/// `limit`; `limit` when only a hole follows. Without SEEK_DATA support every
+/// byte counts as data, so `at` comes back.
+pub fn next_data(file: &File, at: u64, limit: u64) -> u64 {
+    let Ok(pos) = i64::try_from(at) else {
+        return at;
+    };
+    match nix::unistd::lseek(file, pos, nix::unistd::Whence::SeekData) {
+        Ok(d) => (d as u64).clamp(at, limit.max(at)),
+        Err(nix::errno::Errno::ENXIO) => limit.max(at),
+        Err(_) => at,
+    }
+}
+
 /// Reads into `buf` at `offset` until it is full or the file ends; returns the
 /// number of bytes read.
 pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -207,18 +221,8 @@ impl CowImage {
         while at < g.bitmap_len {
             // Holes in the bitmap hold no bits: skip them (a sparse file
             // whose header claims a huge bitmap is read in moments).
-            let here = g.bitmap_offset + at;
-            let data = match i64::try_from(here) {
-                Ok(pos) => match nix::unistd::lseek(&self.file, pos, nix::unistd::Whence::SeekData)
-                {
-                    Ok(d) => Some((d as u64).max(here)),
-                    Err(nix::errno::Errno::ENXIO) => None,
-                    // No SEEK_DATA here: read everything.
-                    Err(_) => Some(here),
-                },
-                Err(_) => Some(here),
-            };
-            let skip_to = data.map_or(g.bitmap_len, |d| (d - g.bitmap_offset).min(g.bitmap_len));
+            let end = g.bitmap_offset + g.bitmap_len;
+            let skip_to = next_data(&self.file, g.bitmap_offset + at, end) - g.bitmap_offset;
             if skip_to > at {
                 done(skip_to - at);
                 at = skip_to;
