@@ -30,6 +30,8 @@ enum Command {
     Commit(cli::commit::Args),
     Rebase(cli::rebase::Args),
     Convert(cli::convert::Args),
+    Serve(cli::serve::Args),
+    Demo(cli::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,8 @@ fn main() -> ExitCode {
         Command::Commit(args) => cli::commit::run(args),
         Command::Rebase(args) => cli::rebase::run(args),
         Command::Convert(args) => cli::convert::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Demo(args) => cli::demo::run(args),
     };
     match outcome {
         Ok(code) => ExitCode::from(code),

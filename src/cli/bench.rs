@@ -10,10 +10,9 @@ use clap::ValueEnum;
 use nix::errno::Errno;
 use serde::Serialize;
 use ubd::device::{Command, Device, DeviceOptions, Flags, Reply, Request, Sink};
-use ubd::image::Cache;
 
 use super::units::{format_size, parse_size};
-use super::{Outcome, Output};
+use super::{CacheArg, Outcome, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,15 +22,6 @@ pub enum Pattern {
     Randread,
     Randwrite,
     Randrw,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum CacheArg {
-    /// Direct I/O (O_DIRECT) where the file system supports it.
-    #[default]
-    None,
-    /// Through the host page cache.
-    Writeback,
 }
 
 /// Measure the device: IOPS, throughput and latency, in process.
@@ -331,10 +321,7 @@ pub fn run(args: Args) -> Outcome {
     let opts = DeviceOptions {
         read_only: !writes,
         backing: args.backing.clone(),
-        cache: match args.cache {
-            CacheArg::None => Cache::None,
-            CacheArg::Writeback => Cache::Writeback,
-        },
+        cache: args.cache.mode(),
         pool_size: args.pool_size as usize,
         max_requests: args.queue_depth.max(4) + 1,
         queue_depth: (args.queue_depth as u32 * 4).clamp(64, 4096),
@@ -417,10 +404,7 @@ pub fn run(args: Args) -> Outcome {
         pattern: args.pattern,
         block_size: bs,
         queue_depth: args.queue_depth,
-        cache: match args.cache {
-            CacheArg::None => "none",
-            CacheArg::Writeback => "writeback",
-        },
+        cache: args.cache.name(),
         requests: completed,
         flushes: st.flushes,
         errors,

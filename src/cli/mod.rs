@@ -6,10 +6,12 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod demo;
 pub mod info;
 pub mod map;
 pub mod progress;
 pub mod rebase;
+pub mod serve;
 pub mod units;
 
 use clap::ValueEnum;
@@ -25,3 +27,29 @@ pub enum Output {
 /// What a verb returns: its exit code, or an error that becomes one line on
 /// stderr and exit code 1.
 pub type Outcome = Result<u8, Box<dyn std::error::Error>>;
+
+/// Host page cache use, with the names qemu users know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum CacheArg {
+    /// Direct I/O (O_DIRECT) where the file system supports it.
+    #[default]
+    None,
+    /// Through the host page cache.
+    Writeback,
+}
+
+impl CacheArg {
+    pub fn mode(self) -> ubd::image::Cache {
+        match self {
+            CacheArg::None => ubd::image::Cache::None,
+            CacheArg::Writeback => ubd::image::Cache::Writeback,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheArg::None => "none",
+            CacheArg::Writeback => "writeback",
+        }
+    }
+}

@@ -7,5 +7,6 @@ pub mod alloc_count;
 pub mod bufpool;
 pub mod bufset;
 pub mod dio;
+pub mod inherit;
 pub mod ring;
 pub mod sequencer;

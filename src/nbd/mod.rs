@@ -7,7 +7,21 @@
 //!   caller-provided `Vec<u8>`s: no sockets, no threads, no device, never a
 //!   panic on any input. Everything above it reads whole headers off the wire
 //!   and hands the bytes here.
+//! - [`stream`]: a client's socket and the buffered reader over it.
+//! - [`export`]: what is offered: named exports (each a device), their flags,
+//!   block sizes and metadata contexts.
+//! - [`handshake`]: the fixed-newstyle option haggling.
+//! - [`transmission`] and [`replies`]: one connection's requests, read on its
+//!   thread and handed to the device, and its replies, written by a second
+//!   thread as requests complete.
+//! - [`server`]: listeners, connection threads and shutdown.
 //!
 //! Nothing below this module knows NBD exists (see `docs/design.md`).
 
 pub mod codec;
+pub mod export;
+pub mod handshake;
+pub mod replies;
+pub mod server;
+pub mod stream;
+pub mod transmission;

@@ -12,6 +12,7 @@
 
 #![allow(dead_code)]
 
+pub mod server;
 pub mod uml;
 
 use std::ffi::OsStr;

@@ -1,0 +1,148 @@
+//! `ubd demo`: a ready-made disk to try `ubd serve` on.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ubd::device::DeviceOptions;
+
+use super::Outcome;
+use super::serve::{Plan, serve};
+
+/// Serve a demo disk: an ext4 file system with a few files, under an overlay.
+///
+/// Makes DIR/base.img (a 64 MiB ext4 file system, read-only, built with
+/// mkfs.ext4 -d) and DIR/demo.cow (an empty UML COW overlay over it) unless
+/// they exist, then serves the overlay on DIR/nbd.sock and prints commands to
+/// try. Writes land in the overlay; the base image never changes. Ctrl-C
+/// stops the server; --fresh starts again from an empty overlay.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Where the demo files go.
+    #[arg(long, default_value = "ubd-demo")]
+    dir: PathBuf,
+    /// Throw away the overlay (the demo's writes) first.
+    #[arg(long)]
+    fresh: bool,
+}
+
+/// Size of the demo file system.
+const BASE_SIZE: &str = "64M";
+
+pub fn run(args: Args) -> Outcome {
+    std::fs::create_dir_all(&args.dir)
+        .map_err(|e| format!("{}: cannot create the directory: {e}", args.dir.display()))?;
+    let dir = args
+        .dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", args.dir.display()))?;
+    let base = dir.join("base.img");
+    let cow = dir.join("demo.cow");
+    let socket = dir.join("nbd.sock");
+    if !base.exists() {
+        make_base(&dir, &base)?;
+        // A new base invalidates any old overlay (its recorded mtime).
+        let _ = std::fs::remove_file(&cow);
+    }
+    if args.fresh || !cow.exists() {
+        ubd::image::create_overlay(&cow, &base, true)?;
+    }
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let mnt = dir.join("mnt");
+    let mut banner = String::new();
+    let _ = writeln!(
+        banner,
+        "\nThe disk is {} (writes) over {} (a {BASE_SIZE} ext4 file system, never written).",
+        cow.display(),
+        base.display()
+    );
+    let _ = writeln!(banner, "Try, from another terminal:");
+    let _ = writeln!(banner, "  nbdinfo '{uri}'");
+    let _ = writeln!(
+        banner,
+        "  qemu-io -f raw '{uri}' -c 'read -v 1144 16'    # the file system's label"
+    );
+    let _ = writeln!(
+        banner,
+        "  mkdir -p {m} && nbdfuse {m}/disk '{uri}' &\n  \
+         sleep 1 && mkdir -p /mnt/ubd && sudo mount -o loop {m}/disk /mnt/ubd && cat /mnt/ubd/README.txt",
+        m = mnt.display()
+    );
+    let _ = write!(banner, "Press Ctrl-C to stop.");
+    serve(Plan {
+        exports: vec![(String::new(), cow)],
+        socket: Some(socket),
+        tcp: None,
+        device: DeviceOptions::default(),
+        pid_file: None,
+        max_connections: 64,
+        banner: Some(banner),
+    })
+}
+
+/// Builds the demo's ext4 base image from a few generated files.
+fn make_base(dir: &Path, base: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let mkfs = ["/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .or_else(|| find_in_path("mkfs.ext4"))
+        .ok_or("the demo needs mkfs.ext4 (Debian package e2fsprogs)")?;
+    let staging = dir.join("content");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(staging.join("data"))?;
+    std::fs::write(
+        staging.join("README.txt"),
+        "This file system is the backing image of a ubd demo.\n\
+         Everything you change here is written to the overlay (demo.cow);\n\
+         base.img stays as it was. `ubd info demo.cow` shows how much changed,\n\
+         `ubd map demo.cow` where, and `ubd commit demo.cow` would merge it.\n",
+    )?;
+    std::fs::write(staging.join("hello.txt"), "Hello from ubd.\n")?;
+    let mut numbers = String::new();
+    for i in 1..=10_000u32 {
+        let _ = writeln!(numbers, "{i}");
+    }
+    std::fs::write(staging.join("data/numbers.txt"), numbers)?;
+    // A megabyte of reproducible noise (xorshift64*), to copy around.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let noise: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect();
+    std::fs::write(staging.join("data/noise.bin"), noise)?;
+    let tmp = base.with_extension("img.tmp");
+    let out = Command::new(&mkfs)
+        .args(["-q", "-F", "-L", "ubd-demo", "-d"])
+        .arg(&staging)
+        .arg(&tmp)
+        .arg(BASE_SIZE)
+        .output()
+        .map_err(|e| format!("{}: {e}", mkfs.display()))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "{} failed: {}",
+            mkfs.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    std::fs::rename(&tmp, base)?;
+    let _ = std::fs::remove_dir_all(&staging);
+    let mut perms = std::fs::metadata(base)?.permissions();
+    perms.set_readonly(true);
+    std::fs::set_permissions(base, perms)?;
+    Ok(())
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+}

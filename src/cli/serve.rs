@@ -1,0 +1,279 @@
+//! `ubd serve`: export overlays and raw images over NBD.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use ubd::device::{Device, DeviceOptions};
+use ubd::nbd::export::{Export, Exports};
+use ubd::nbd::server::{self, Listener};
+
+use super::units::{format_size, parse_size};
+use super::{CacheArg, Outcome};
+
+/// The port NBD servers listen on by default.
+const NBD_PORT: u16 = 10809;
+
+/// Serve an overlay (or a raw image) over NBD until stopped.
+///
+/// Listens on a Unix socket (--socket; by default FILE.sock beside the first
+/// export), and on TCP only when asked (--bind / --port). With systemd socket
+/// activation (LISTEN_FDS) it uses the sockets it was given instead. Any
+/// number of clients may connect, one after another and at once; they share
+/// one device per export, so a FLUSH on one connection covers writes
+/// acknowledged on every other.
+///
+/// SIGTERM or SIGINT: finish what clients started, flush, remove the socket
+/// file and exit 0. A second server on the same overlay fails at once (the
+/// overlay is locked while served).
+///
+/// Examples:
+///   ubd serve vm.cow --socket /run/vm.sock
+///   ubd serve --export a=one.cow --export b=two.cow --socket /tmp/nbd.sock
+///   ubd serve base.img --read-only --bind 127.0.0.1 --port 10809
+///
+/// Then, for example: nbdinfo 'nbd+unix:///?socket=/run/vm.sock'.
+/// Logging: RUST_LOG=debug (default info), to stderr.
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// The overlay or raw image to serve (the default export).
+    file: Option<PathBuf>,
+    /// Unix socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// TCP address to listen on (with --port; default port 10809).
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<String>,
+    /// TCP port to listen on (on 127.0.0.1 unless --bind says otherwise).
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// NAME: the export name of FILE. NAME=FILE: one more export (repeatable).
+    #[arg(long = "export", value_name = "NAME|NAME=FILE")]
+    exports: Vec<String>,
+    /// Serve read-only: writes fail with EPERM, and the overlay is opened
+    /// read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Host page cache use for the overlay and backing file.
+    #[arg(long, value_enum, default_value_t)]
+    cache: CacheArg,
+    /// Buffer pool per export (preallocated and registered with io_uring).
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    pool_size: u64,
+    /// Use this backing file instead of the one the overlay names (one
+    /// export only).
+    #[arg(long, value_name = "PATH")]
+    backing: Option<PathBuf>,
+    /// Write the server's pid here once it is serving; removed at exit.
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Clients connected at once, at most.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+}
+
+/// What to serve and how, from `ubd serve` or `ubd demo`.
+pub struct Plan {
+    /// (export name, file), the first is the default export.
+    pub exports: Vec<(String, PathBuf)>,
+    pub socket: Option<PathBuf>,
+    pub tcp: Option<(String, u16)>,
+    pub device: DeviceOptions,
+    pub pid_file: Option<PathBuf>,
+    pub max_connections: usize,
+    /// Printed on stdout once clients can connect (after the URIs).
+    pub banner: Option<String>,
+}
+
+pub fn run(args: Args) -> Outcome {
+    let mut exports = Vec::new();
+    let mut default_name = None;
+    for spec in &args.exports {
+        match spec.split_once('=') {
+            Some((name, file)) if !file.is_empty() => {
+                exports.push((name.to_string(), PathBuf::from(file)));
+            }
+            Some(_) => return Err(format!("--export {spec}: give NAME=FILE").into()),
+            None if default_name.is_some() => {
+                return Err("--export NAME (without =FILE) may be given once".into());
+            }
+            None => default_name = Some(spec.clone()),
+        }
+    }
+    match (&args.file, default_name) {
+        (Some(file), name) => exports.insert(0, (name.unwrap_or_default(), file.clone())),
+        (None, Some(name)) => {
+            return Err(format!("--export {name} names FILE, but no FILE was given").into());
+        }
+        (None, None) => {}
+    }
+    if exports.is_empty() {
+        return Err("nothing to serve: give FILE or --export NAME=FILE".into());
+    }
+    if args.backing.is_some() && exports.len() > 1 {
+        return Err("--backing applies to one export; serve the others separately".into());
+    }
+    let tcp = match (args.bind, args.port) {
+        (Some(addr), port) => Some((addr, port.unwrap_or(NBD_PORT))),
+        (None, Some(port)) => Some(("127.0.0.1".to_string(), port)),
+        (None, None) => None,
+    };
+    let socket = match (&args.socket, &tcp) {
+        (Some(s), _) => Some(s.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(default_socket(&exports[0].1)),
+    };
+    serve(Plan {
+        exports,
+        socket,
+        tcp,
+        device: DeviceOptions {
+            read_only: args.read_only,
+            backing: args.backing,
+            cache: args.cache.mode(),
+            pool_size: args.pool_size as usize,
+            ..DeviceOptions::default()
+        },
+        pid_file: args.pid_file,
+        max_connections: args.max_connections.max(1),
+        banner: None,
+    })
+}
+
+/// `FILE.sock` beside FILE.
+fn default_socket(file: &Path) -> PathBuf {
+    let mut name = file.file_name().unwrap_or_default().to_os_string();
+    name.push(".sock");
+    file.with_file_name(name)
+}
+
+/// Starts logging to stderr at RUST_LOG's level (default info).
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+/// Opens the exports, listens, serves until SIGTERM or SIGINT, then drains,
+/// closes the devices (which flushes them) and cleans up.
+pub fn serve(plan: Plan) -> Outcome {
+    init_logging();
+    let mut names = std::collections::HashSet::new();
+    for (name, file) in &plan.exports {
+        if !names.insert(name.as_str()) {
+            return Err(format!("export name {name:?} is given twice").into());
+        }
+        if name.len() > 4096 || name.contains('\0') {
+            return Err(format!("{}: export name too long or with a NUL", file.display()).into());
+        }
+    }
+    // Signals first, so none between opening and serving is lost.
+    let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)?);
+    let stopping = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, stopping) = (stop.clone(), stopping.clone());
+        ctrlc::set_handler(move || {
+            stopping.store(true, Ordering::SeqCst);
+            let _ = stop.write(1);
+        })?;
+    }
+    let mut exports = Vec::new();
+    for (name, file) in &plan.exports {
+        let device = Device::open(file, &plan.device)?;
+        tracing::info!(
+            export = %name,
+            file = %file.display(),
+            size = %format_size(device.capacity()),
+            read_only = device.read_only(),
+            "opened"
+        );
+        exports.push(Arc::new(Export {
+            name: name.clone(),
+            description: format!("ubd: {}", file.display()),
+            device: Arc::new(device),
+        }));
+    }
+    let exports = Exports::new(exports);
+    let listeners = match Listener::from_activation()? {
+        Some(l) => {
+            if plan.socket.is_some() || plan.tcp.is_some() {
+                tracing::warn!("socket-activated: --socket, --bind and --port are ignored");
+            }
+            l
+        }
+        None => {
+            let mut l = Vec::new();
+            if let Some(path) = &plan.socket {
+                l.push(Listener::unix(path)?);
+            }
+            if let Some((addr, port)) = &plan.tcp {
+                l.push(Listener::tcp(addr, *port)?);
+            }
+            l
+        }
+    };
+    let result = serve_on(&plan, &exports, &listeners, &stop);
+    let mut code = 0;
+    for export in exports.iter() {
+        if let Err(e) = export.device.close() {
+            tracing::error!(export = %export.name, "closing: {}", ubd::error_chain(&e));
+            code = 1;
+        }
+    }
+    if let Some(p) = &plan.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result?;
+    if stopping.load(Ordering::SeqCst) {
+        tracing::info!("stopped");
+    }
+    Ok(code)
+}
+
+fn serve_on(
+    plan: &Plan,
+    exports: &Exports,
+    listeners: &[Listener],
+    stop: &EventFd,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(p) = &plan.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: cannot write the pid file: {e}", p.display()))?;
+    }
+    for l in listeners {
+        for export in exports.iter() {
+            let uri = l.uri();
+            let uri = if export.name.is_empty() {
+                uri
+            } else {
+                export_uri(&uri, &export.name)
+            };
+            let what = match export.name.as_str() {
+                "" => "the default export".to_string(),
+                name => format!("export {name:?}"),
+            };
+            println!("ubd: serving {what} at {uri}");
+        }
+    }
+    if let Some(banner) = &plan.banner {
+        println!("{banner}");
+    }
+    server::run(exports, listeners, stop, plan.max_connections)?;
+    Ok(())
+}
+
+/// The URI of export `name` on the listener whose default-export URI is `uri`.
+fn export_uri(uri: &str, name: &str) -> String {
+    match uri.split_once(":///") {
+        Some((scheme, rest)) => format!("{scheme}:///{name}{rest}"),
+        None => format!("{}{name}", uri.trim_end_matches('/').to_string() + "/"),
+    }
+}

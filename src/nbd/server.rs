@@ -1,0 +1,383 @@
+//! Listeners and connections: accept clients on Unix and TCP sockets (or on
+//! sockets systemd passed in), run each connection's handshake and
+//! transmission on its own thread, and shut down cleanly when asked.
+//!
+//! Shutdown (invariant 3): stop accepting, remove the socket files we made,
+//! close the read side of every connection so no new request starts, let
+//! each connection answer what it started, and only then return, so the
+//! caller can close the devices (which drains and flushes them).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown, TcpListener};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::EventFd;
+use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+use thiserror::Error;
+
+use super::export::Exports;
+use super::handshake::{self, HandshakeError};
+use super::stream::{Input, Stream};
+use super::transmission::{self, End};
+
+/// How long a client may take over the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// At shutdown, how long connections get to answer what they started before
+/// their sockets are cut entirely.
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("{}: {what}", path.display())]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: another server is listening on this socket", .0.display())]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {addr}")]
+    Tcp {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("LISTEN_FDS: {0}")]
+    Activation(String),
+    #[error("waiting for connections")]
+    Poll(#[source] io::Error),
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// `path` is removed at shutdown when we created it.
+    Unix {
+        listener: UnixListener,
+        path: Option<PathBuf>,
+    },
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Listens on a Unix socket at `path`. A stale socket file (nobody
+    /// listening) is replaced; a live one is an error.
+    pub fn unix(path: &Path) -> Result<Listener, ServerError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::SocketInUse(path.to_path_buf()));
+            }
+            let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            });
+            if !is_socket {
+                return Err(ServerError::Socket {
+                    path: path.to_path_buf(),
+                    what: "exists and is not a socket",
+                    source: io::Error::from(io::ErrorKind::AlreadyExists),
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| ServerError::Socket {
+                path: path.to_path_buf(),
+                what: "cannot remove the stale socket",
+                source,
+            })?;
+        }
+        let listener = UnixListener::bind(path).map_err(|source| ServerError::Socket {
+            path: path.to_path_buf(),
+            what: "cannot listen",
+            source,
+        })?;
+        Ok(Listener::Unix {
+            listener,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Listens on TCP `addr:port`.
+    pub fn tcp(addr: &str, port: u16) -> Result<Listener, ServerError> {
+        let text = if addr.contains(':') {
+            format!("[{addr}]:{port}")
+        } else {
+            format!("{addr}:{port}")
+        };
+        TcpListener::bind(&text)
+            .map(Listener::Tcp)
+            .map_err(|source| ServerError::Tcp { addr: text, source })
+    }
+
+    /// The sockets systemd passed (`LISTEN_PID` is us, `LISTEN_FDS` > 0), or
+    /// `None` when the process was not socket-activated.
+    pub fn from_activation() -> Result<Option<Vec<Listener>>, ServerError> {
+        let pid_ok = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|p| p == std::process::id());
+        let count = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.parse::<i32>().ok());
+        let (true, Some(count @ 1..)) = (pid_ok, count) else {
+            return Ok(None);
+        };
+        let start = crate::engine::inherit::LISTEN_FDS_START;
+        let mut listeners = Vec::new();
+        for fd in start..start.saturating_add(count) {
+            let owned = crate::engine::inherit::take_inherited_fd(fd)
+                .ok_or_else(|| ServerError::Activation(format!("fd {fd} is not open")))?;
+            let addr = getsockname::<SockaddrStorage>(owned.as_raw_fd())
+                .map_err(|e| ServerError::Activation(format!("fd {fd} is not a socket: {e}")))?;
+            let listener = match addr.family() {
+                Some(AddressFamily::Unix) => Listener::Unix {
+                    listener: UnixListener::from(owned),
+                    path: None,
+                },
+                Some(AddressFamily::Inet | AddressFamily::Inet6) => {
+                    Listener::Tcp(TcpListener::from(owned))
+                }
+                other => {
+                    return Err(ServerError::Activation(format!(
+                        "fd {fd} is a socket of family {other:?}, not Unix or TCP"
+                    )));
+                }
+            };
+            listeners.push(listener);
+        }
+        Ok(Some(listeners))
+    }
+
+    /// Where clients reach it, as an NBD URI (default export).
+    pub fn uri(&self) -> String {
+        match self {
+            Listener::Unix { listener, path } => {
+                let path = path
+                    .clone()
+                    .or_else(|| {
+                        listener
+                            .local_addr()
+                            .ok()
+                            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                    })
+                    .unwrap_or_default();
+                format!("nbd+unix:///?socket={}", path.display())
+            }
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) if a.is_ipv6() => format!("nbd://[{}]:{}/", a.ip(), a.port()),
+                Ok(a) => format!("nbd://{a}/"),
+                Err(_) => "nbd://?".to_string(),
+            },
+        }
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Unix { listener, .. } => listener.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept()?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+        }
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Unix { listener, .. } => listener.set_nonblocking(true),
+            Listener::Tcp(l) => l.set_nonblocking(true),
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Listener::Unix { listener, .. } => listener.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+
+    /// Removes the socket file we created.
+    fn remove(&self) {
+        if let Listener::Unix { path: Some(p), .. } = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The live connections, so shutdown can reach their sockets.
+#[derive(Default)]
+struct Registry {
+    streams: Mutex<HashMap<u64, Stream>>,
+}
+
+impl Registry {
+    fn shutdown_all(&self, how: Shutdown) {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        for s in streams.values() {
+            let _ = s.shutdown(how);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Serves `exports` on `listeners` until `stop` is signalled, then drains
+/// every connection. Accepts at most `max_connections` at once (more are
+/// closed at once, with a log line).
+pub fn run(
+    exports: &Exports,
+    listeners: &[Listener],
+    stop: &EventFd,
+    max_connections: usize,
+) -> Result<(), ServerError> {
+    for l in listeners {
+        l.set_nonblocking().map_err(ServerError::Poll)?;
+    }
+    let registry = Arc::new(Registry::default());
+    let ids = AtomicU64::new(0);
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let result = loop {
+        let mut fds: Vec<PollFd<'_>> = listeners
+            .iter()
+            .map(|l| PollFd::new(l.fd(), PollFlags::POLLIN))
+            .collect();
+        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break Err(ServerError::Poll(e.into())),
+        }
+        let stopping = fds
+            .last()
+            .and_then(PollFd::revents)
+            .is_some_and(|r| !r.is_empty());
+        if stopping {
+            break Ok(());
+        }
+        let ready: Vec<bool> = fds
+            .iter()
+            .take(listeners.len())
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        drop(fds);
+        threads.retain(|t| !t.is_finished());
+        for (l, _) in listeners.iter().zip(ready).filter(|(_, r)| *r) {
+            let stream = match l.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    continue;
+                }
+            };
+            if registry.len() >= max_connections {
+                tracing::warn!(
+                    "refusing a connection from {}: {max_connections} are open",
+                    stream.peer()
+                );
+                continue;
+            }
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            match spawn_connection(id, stream, exports.clone(), registry.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!("cannot start a connection thread: {e}"),
+            }
+        }
+    };
+    for l in listeners {
+        l.remove();
+    }
+    // No new requests; what was started gets answered.
+    registry.shutdown_all(Shutdown::Read);
+    let deadline = Instant::now() + DRAIN_GRACE;
+    while registry.len() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if registry.len() > 0 {
+        tracing::warn!(
+            "{} connections did not finish within {DRAIN_GRACE:?}; cutting them",
+            registry.len()
+        );
+        registry.shutdown_all(Shutdown::Both);
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    result
+}
+
+fn spawn_connection(
+    id: u64,
+    stream: Stream,
+    exports: Exports,
+    registry: Arc<Registry>,
+) -> io::Result<JoinHandle<()>> {
+    let handle = stream.try_clone()?;
+    registry
+        .streams
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, handle);
+    let spawned = std::thread::Builder::new()
+        .name(format!("ubd-nbd-{id}"))
+        .spawn({
+            let registry = registry.clone();
+            move || {
+                connection(id, stream, &exports);
+                registry
+                    .streams
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+            }
+        });
+    if spawned.is_err() {
+        registry
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+    spawned
+}
+
+fn connection(id: u64, stream: Stream, exports: &Exports) {
+    let peer = stream.peer();
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let mut input = Input::new(stream);
+    let session = match handshake::negotiate(&mut input, exports) {
+        Ok(s) => s,
+        Err(HandshakeError::Aborted) => {
+            tracing::debug!(id, %peer, "the client ended the handshake");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(id, %peer, "handshake failed: {e}");
+            return;
+        }
+    };
+    let _ = input.stream().set_read_timeout(None);
+    tracing::info!(
+        id,
+        %peer,
+        export = %session.export.name,
+        style = ?session.style,
+        "connection open"
+    );
+    match transmission::serve(input, &session) {
+        End::Disconnect | End::Closed => tracing::info!(id, %peer, "connection closed"),
+        End::Broken(why) => tracing::warn!(id, %peer, "connection closed: {why}"),
+    }
+}
