@@ -1,0 +1,95 @@
+//! `ubd demo`, the README's first command: it builds its disk, serves it, and
+//! a real client finds the demo's files in it.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::signal;
+use common::{run, run_bytes, sha256_hex, tool, ubd};
+
+#[test]
+fn demo_serves_an_ext4_disk_with_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let socket = dir.join("nbd.sock");
+    let mut child = ubd()
+        .arg("demo")
+        .arg("--dir")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ubd demo");
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ubd demo exited with {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "demo never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let base = dir.join("base.img");
+    let base_sum = sha256_hex(&std::fs::read(&base).unwrap());
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+
+    let info = run(Command::new(tool("nbdinfo", "libnbd-bin"))
+        .arg("--json")
+        .arg(&uri));
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["exports"][0]["export-size"], 64 << 20, "{info}");
+
+    // Write through the server, then read the whole disk and look inside.
+    run(Command::new(tool("qemu-io", "qemu-utils")).args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0x5a 60M 4096",
+    ]));
+    let copy = tmp.path().join("copy.img");
+    run(Command::new(tool("nbdcopy", "libnbd-bin"))
+        .arg(&uri)
+        .arg(&copy));
+    let hello = run(Command::new(tool("debugfs", "e2fsprogs"))
+        .args(["-R", "cat /hello.txt"])
+        .arg(&copy));
+    assert_eq!(hello.trim(), "Hello from ubd.");
+    let numbers = run(Command::new(tool("debugfs", "e2fsprogs"))
+        .args(["-R", "cat /data/numbers.txt"])
+        .arg(&copy));
+    assert_eq!(numbers.lines().count(), 10_000);
+    assert_eq!(numbers.lines().last(), Some("10000"));
+    let copied = run_bytes(Command::new("dd").args([
+        &format!("if={}", copy.display()),
+        "bs=1M",
+        "skip=60",
+        "count=1",
+        "status=none",
+    ]));
+    assert!(copied[..4096].iter().all(|&b| b == 0x5a));
+
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "demo exit {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&uri), "banner lacks the URI: {stdout}");
+    for cmd in ["nbdinfo", "qemu-io", "nbdfuse"] {
+        assert!(stdout.contains(cmd), "banner lacks {cmd}: {stdout}");
+    }
+    assert!(!socket.exists(), "the socket file is left behind");
+    assert_eq!(sha256_hex(&std::fs::read(&base).unwrap()), base_sum);
+    let info = common::ubd_info(&dir.join("demo.cow"));
+    assert_eq!(info["sectors_present"], 8, "{info}");
+}
