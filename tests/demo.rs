@@ -32,7 +32,10 @@ fn demo_serves_an_ext4_disk_with_its_files() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "demo never served");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "demo never served"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let base = dir.join("base.img");

@@ -255,6 +255,11 @@ impl BufPool {
         })
     }
 
+    /// Chunks in the pool.
+    pub fn chunks(&self) -> usize {
+        self.inner.chunks
+    }
+
     pub fn chunk_size(&self) -> usize {
         self.inner.chunk_size
     }

@@ -88,6 +88,13 @@ pub enum Out {
     },
 }
 
+/// Replies a writer batch finished, and the READ bytes they owed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Finished {
+    replies: usize,
+    read_bytes: u64,
+}
+
 /// Token of piece `piece` of request `id`.
 pub fn token(id: u64, piece: u32) -> u64 {
     id << 16 | u64::from(piece)
@@ -100,6 +107,8 @@ struct State {
     reader_waiting: bool,
     /// Replies owed (announced with `Now` or `Begin`, not yet finished).
     in_flight: usize,
+    /// READ bytes owed: pool buffers the connection holds or will.
+    read_bytes: u64,
     /// The reader is done: the writer ends once nothing is owed.
     closing: bool,
 }
@@ -126,10 +135,11 @@ impl Shared {
     }
 
     /// Announces a reply (a `Now` or a `Begin`), first waiting while `limit`
-    /// replies are already owed.
-    pub fn announce(&self, out: Out, limit: usize) {
+    /// replies are already owed, or while the READ bytes owed plus
+    /// `read_bytes` would pass `budget` (one READ alone always goes).
+    pub fn announce(&self, out: Out, limit: usize, read_bytes: u64, budget: u64) {
         let mut st = self.lock();
-        while st.in_flight >= limit {
+        while st.in_flight >= limit || st.read_bytes > 0 && st.read_bytes + read_bytes > budget {
             st.reader_waiting = true;
             st = self
                 .reader_cv
@@ -137,6 +147,7 @@ impl Shared {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         st.in_flight += 1;
+        st.read_bytes += read_bytes;
         self.push_locked(&mut st, out);
     }
 
@@ -163,9 +174,11 @@ impl Shared {
     }
 
     /// Takes everything queued into `work`; `None` when the writer should end.
-    fn take(&self, work: &mut VecDeque<Out>, finished: usize) -> Option<()> {
+    fn take(&self, work: &mut VecDeque<Out>, finished: Finished) -> Option<()> {
         let mut st = self.lock();
-        st.in_flight -= finished;
+        st.in_flight -= finished.replies;
+        st.read_bytes -= finished.read_bytes;
+        let finished = finished.replies;
         if finished > 0 && st.reader_waiting {
             st.reader_waiting = false;
             self.reader_cv.notify_all();
@@ -234,11 +247,13 @@ impl Writer {
     /// Runs until the reader closes and nothing is owed.
     pub fn run(mut self, shared: &Shared) {
         let mut work = VecDeque::with_capacity(1024);
-        let mut finished = 0;
+        let mut finished = Finished::default();
         while shared.take(&mut work, finished).is_some() {
-            finished = 0;
+            finished = Finished::default();
             while let Some(out) = work.pop_front() {
-                finished += self.handle(out);
+                let done = self.handle(out);
+                finished.replies += done.replies;
+                finished.read_bytes += done.read_bytes;
                 if self.segs.len() >= 900 {
                     self.write_batch();
                 }
@@ -272,8 +287,8 @@ impl Writer {
         }
     }
 
-    /// Handles one message; returns how many replies it finished.
-    fn handle(&mut self, out: Out) -> usize {
+    /// Handles one message; returns what it finished.
+    fn handle(&mut self, out: Out) -> Finished {
         match out {
             Out::Now {
                 cookie,
@@ -282,7 +297,10 @@ impl Writer {
                 message,
             } => {
                 self.reply_status(cookie, command, 0, error, message);
-                1
+                Finished {
+                    replies: 1,
+                    read_bytes: 0,
+                }
             }
             Out::Begin { id, req } => {
                 let held = if req.contiguous && req.pieces > 1 {
@@ -301,7 +319,7 @@ impl Writer {
                         held,
                     },
                 );
-                0
+                Finished::default()
             }
             Out::Piece { token, result } => self.piece(token, result),
         }
@@ -328,12 +346,12 @@ impl Writer {
         self.push_head(mark);
     }
 
-    fn piece(&mut self, token: u64, result: Result<Reply, Errno>) -> usize {
+    fn piece(&mut self, token: u64, result: Result<Reply, Errno>) -> Finished {
         let id = token >> 16;
         let piece = (token & 0xffff) as u32;
         let Some(mut p) = self.pending.remove(&id) else {
             tracing::error!(token, "completion for an unknown request");
-            return 0;
+            return Finished::default();
         };
         p.done += 1;
         let last = p.done == p.req.pieces;
@@ -358,7 +376,7 @@ impl Writer {
         }
         if !last {
             self.pending.insert(id, p);
-            return 0;
+            return Finished::default();
         }
         if p.req.command != cmd::READ {
             let (error, at) = p.error.map_or((0, p.req.offset), |(e, at)| {
@@ -380,7 +398,14 @@ impl Writer {
                 self.reply_status(p.req.cookie, p.req.command, p.req.offset, error, &msg);
             }
         }
-        1
+        Finished {
+            replies: 1,
+            read_bytes: if p.req.command == cmd::READ {
+                p.req.len
+            } else {
+                0
+            },
+        }
     }
 
     fn read_data(

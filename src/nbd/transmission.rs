@@ -36,14 +36,15 @@ pub enum End {
     Broken(String),
 }
 
-/// Flags each command accepts (more are refused with EINVAL).
+/// Flags each command accepts (more are refused with EINVAL). FUA is
+/// accepted on every command once advertised (clients set it on reads too),
+/// and means something only for writes.
 fn allowed_flags(command: u16, style: Style, read_only: bool) -> u16 {
     let fua = if read_only { 0 } else { cmd_flag::FUA };
-    match command {
+    fua | match command {
         cmd::READ if style != Style::Simple => cmd_flag::DF,
-        cmd::WRITE if style == Style::Extended => fua | cmd_flag::PAYLOAD_LEN,
-        cmd::WRITE | cmd::TRIM => fua,
-        cmd::WRITE_ZEROES => fua | cmd_flag::NO_HOLE | cmd_flag::FAST_ZERO,
+        cmd::WRITE if style == Style::Extended => cmd_flag::PAYLOAD_LEN,
+        cmd::WRITE_ZEROES => cmd_flag::NO_HOLE | cmd_flag::FAST_ZERO,
         cmd::BLOCK_STATUS => cmd_flag::REQ_ONE,
         _ => 0,
     }
@@ -56,6 +57,8 @@ struct Conn<'a> {
     next_id: u64,
     /// Bytes per device request.
     piece_size: u64,
+    /// READ bytes this connection may hold in pool buffers at once.
+    read_budget: u64,
 }
 
 /// Serves requests on `input` until the client leaves or the connection
@@ -84,11 +87,16 @@ pub fn serve(mut input: Input, session: &Session) -> End {
     } else {
         (max_io / 2).max(512) / 512 * 512
     };
+    // A client that does not read its replies keeps its READ buffers; half
+    // the pool at most, so the other connections always have the rest.
+    let pool = device.pool();
+    let read_budget = (pool.chunk_size() * pool.chunks() / 2) as u64;
     let mut conn = Conn {
         session,
         shared: shared.clone(),
         next_id: 0,
         piece_size,
+        read_budget,
     };
     let end = conn.read_requests(&mut input);
     shared.drain_and_close();
@@ -133,7 +141,7 @@ impl Conn<'_> {
             error,
             message,
         };
-        self.shared.announce(out, MAX_IN_FLIGHT);
+        self.shared.announce(out, MAX_IN_FLIGHT, 0, 0);
     }
 
     /// Handles one request; `Some` when the connection must end.
@@ -240,8 +248,10 @@ impl Conn<'_> {
             req_one: req.flags & cmd_flag::REQ_ONE != 0,
         };
         let piece_size = pending.piece_size;
+        let read_bytes = if command == cmd::READ { len } else { 0 };
+        let begin = Out::Begin { id, req: pending };
         self.shared
-            .announce(Out::Begin { id, req: pending }, MAX_IN_FLIGHT);
+            .announce(begin, MAX_IN_FLIGHT, read_bytes, self.read_budget);
         for i in 0..pieces as usize {
             let (at, n) = piece_bounds(offset, len, piece_size, i as u32);
             let tok = token(id, i as u32);

@@ -1,0 +1,1162 @@
+#!/usr/bin/python3
+"""Hostile and odd NBD clients, one case per sub-command, for tests/nbd_hostile.rs.
+
+    hostile.py CASE SOCKET BASE
+
+SOCKET is the server's Unix socket; BASE is a file holding what the default
+export reads as when the case starts (the export is exactly as long).
+
+Each case sends its odd input, checks the answer ../shared/docs/nbd.md asks
+for, and checks that the server still answers properly. It prints one line per
+check and ends with `PASS CASE`; on a wrong answer it raises (exit status 1)
+with a message saying what was sent, what was expected and what came back.
+Nothing here depends on timing: socket time-outs only turn a hang into a
+failure.
+"""
+
+import errno
+import os
+import socket
+import struct
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import rawnbd as R  # noqa: E402
+from rawnbd import Closed, Conn, ProtocolError, errno_name, rep_name  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+U64 = 1 << 64
+
+
+class Ctx:
+    def __init__(self, sock, base):
+        self.sock = sock
+        self.base_path = base
+        with open(base, "rb") as f:
+            self.base = f.read()
+        self.size = len(self.base)
+
+    def expect_data(self, c, offset, length, what):
+        got = c.read(offset, length)
+        want = self.base[offset : offset + length]
+        if got != want:
+            first = next(i for i in range(length) if got[i] != want[i])
+            fail("%s: READ [%d, +%d) differs from the expected data at byte %d" % (what, offset, length, offset + first))
+
+
+def fail(msg):
+    raise ProtocolError(msg)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def expect_errno(reply, allowed, what):
+    if isinstance(allowed, int):
+        allowed = (allowed,)
+    if reply.error not in allowed:
+        fail(
+            "%s: expected %s, got %s (%r)"
+            % (what, "/".join(errno_name(a) for a in allowed), errno_name(reply.error), reply)
+        )
+    log("ok: %s -> %s" % (what, errno_name(reply.error)))
+
+
+def expect_rep(rep, allowed, what):
+    if isinstance(allowed, int):
+        allowed = (allowed,)
+    if rep not in allowed:
+        fail("%s: expected %s, got %s" % (what, "/".join(rep_name(a) for a in allowed), rep_name(rep)))
+    log("ok: %s -> %s" % (what, rep_name(rep)))
+
+
+def expect_closed(c, what, allow_bytes=False):
+    """The server must close `c`; returns what it sent first."""
+    got = c.read_to_eof()
+    if got and not allow_bytes:
+        fail("%s: expected the server to close the connection without a reply, got %d bytes %r" % (what, len(got), got[:64]))
+    log("ok: %s -> connection closed (%d bytes before EOF)" % (what, len(got)))
+    c.close()
+    return got
+
+
+def send_maybe_closed(c, send):
+    """Sends something the server may already have hung up on."""
+    try:
+        send()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def still_serves(ctx, what):
+    """A fresh, well-behaved connection: handshake, a read checked against
+    BASE, a LIST."""
+    c = Conn(ctx.sock)
+    c.greet()
+    names = c.list_exports()
+    if b"" not in names:
+        fail("after %s: LIST does not name the default export: %r" % (what, names))
+    c.negotiate_structured()
+    size, _ = c.go()
+    if size != ctx.size:
+        fail("after %s: export size %d, expected %d" % (what, size, ctx.size))
+    ctx.expect_data(c, 0, 65536, "after %s" % what)
+    c.disc()
+    c.close()
+    log("ok: a fresh connection works after %s" % what)
+
+
+def libnbd_handle(ctx, strict=0):
+    import nbd
+
+    h = nbd.NBD()
+    h.set_strict_mode(strict)
+    h.connect_unix(ctx.sock)
+    return h
+
+
+def libnbd_errno(fn, *args, **kwargs):
+    """Runs a libnbd call; returns 0 on success or the errno of nbd.Error."""
+    import nbd
+
+    try:
+        fn(*args, **kwargs)
+        return 0
+    except nbd.Error as e:
+        # libnbd gives the errno as its name ("EINVAL").
+        return getattr(errno, e.errno or "", -1)
+
+
+# --------------------------------------------------------------------------
+# Handshake phase
+# --------------------------------------------------------------------------
+
+
+def case_unknown_options(ctx):
+    c = Conn(ctx.sock)
+    c.greet()
+    for opt in (0, R.OPT_PEEK_EXPORT, 12, 99, 0x7FFFFFFF, 0xFFFFFFFF):
+        for data in (b"", b"unknown option data"):
+            rep, _ = c.option(opt, data)
+            expect_rep(rep, R.REP_ERR_UNSUP, "unknown option %d with %d data bytes" % (opt, len(data)))
+    # Exactly 64 KiB of data is still within the cap: skipped, answered.
+    rep, _ = c.option(0x4242, b"\xa5" * 65536)
+    expect_rep(rep, R.REP_ERR_UNSUP, "unknown option with 64 KiB of data")
+    rep, _ = c.option(R.OPT_STARTTLS)
+    expect_rep(rep, R.REP_ERR_POLICY, "STARTTLS without TLS configured")
+    rep, _ = c.option(R.OPT_LIST, b"junk")
+    expect_rep(rep, R.REP_ERR_INVALID, "LIST with data")
+    rep, _ = c.option(R.OPT_STRUCTURED_REPLY, b"x")
+    expect_rep(rep, R.REP_ERR_INVALID, "STRUCTURED_REPLY with data")
+    meta = Conn.meta_data(b"", [b"base:allocation"])
+    rep, _ = c.option(R.OPT_SET_META_CONTEXT, meta)
+    expect_rep(rep, R.REP_ERR_INVALID, "SET_META_CONTEXT before STRUCTURED_REPLY")
+    # nbd.md asks ERR_INVALID; proto.md lets LIST_META_CONTEXT be answered
+    # before structured replies (qemu-nbd does), so either is accepted.
+    rep, _ = c.option(R.OPT_LIST_META_CONTEXT, meta)
+    expect_rep(rep, (R.REP_ERR_INVALID, R.REP_ACK), "LIST_META_CONTEXT before STRUCTURED_REPLY")
+    rep, _ = c.info_or_go(R.OPT_GO, b"no-such-export")
+    expect_rep(rep, R.REP_ERR_UNKNOWN, "GO for an unknown export")
+    rep, _ = c.info_or_go(R.OPT_INFO, b"no-such-export")
+    expect_rep(rep, R.REP_ERR_UNKNOWN, "INFO for an unknown export")
+    # The same connection goes on: LIST, then GO and a checked read.
+    names = c.list_exports()
+    if b"" not in names:
+        fail("LIST after the unknown options does not name the default export: %r" % names)
+    log("ok: LIST on the same connection: %r" % names)
+    c.go()
+    ctx.expect_data(c, 0, 4096, "READ on the connection that sent unknown options")
+    c.disc()
+    c.close()
+
+    # ABORT gets an ACK (or at worst a close), and nothing else.
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_ABORT)
+    try:
+        rep, _ = c.read_opt_reply(R.OPT_ABORT)
+        expect_rep(rep, R.REP_ACK, "ABORT")
+    except Closed:
+        log("ok: ABORT -> closed without ACK")
+    c.close()
+
+    # EXPORT_NAME for an unknown export: the server can only close.
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_EXPORT_NAME, b"no-such-export")
+    expect_closed(c, "EXPORT_NAME for an unknown export")
+
+    # EXPORT_NAME for the default export works (NO_ZEROES: 10 bytes).
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_EXPORT_NAME, b"")
+    size, _ = struct.unpack(">QH", c.recv_exact(10))
+    if size != ctx.size:
+        fail("EXPORT_NAME: size %d, expected %d" % (size, ctx.size))
+    ctx.expect_data(c, 4096, 4096, "READ after EXPORT_NAME")
+    c.disc()
+    c.close()
+    log("ok: EXPORT_NAME \"\" enters transmission")
+
+    # libnbd in option mode: unknown export names, LIST, INFO.
+    import nbd
+
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_unix(ctx.sock)
+    seen = []
+    h.opt_list(lambda name, desc: seen.append(name))
+    if "" not in seen:
+        fail("libnbd opt_list: %r" % seen)
+    h.set_export_name("no-such-export")
+    e = libnbd_errno(h.opt_info)
+    if e == 0:
+        fail("libnbd opt_info of an unknown export succeeded")
+    h.set_export_name("")
+    h.opt_info()
+    if h.get_size() != ctx.size:
+        fail("libnbd opt_info size %d" % h.get_size())
+    h.opt_go()
+    if h.pread(512, 0) != ctx.base[:512]:
+        fail("libnbd read after opt mode differs")
+    h.shutdown()
+    log("ok: libnbd opt mode: list, info of unknown and known export, go")
+
+    still_serves(ctx, "unknown options")
+
+
+def case_option_lengths(ctx):
+    # Option data lengths far over the 64 KiB cap: the server must hang up
+    # without reading (or allocating) them.
+    for opt, length in (
+        (R.OPT_GO, 0x80000000),
+        (R.OPT_INFO, 0xFFFFFFFF),
+        (R.OPT_LIST, 0x80000000),
+        (R.OPT_EXPORT_NAME, 0x80000000),
+        (R.OPT_SET_META_CONTEXT, 0x80000000),
+        (0x4242, 0x80000000),
+        (0x4242, 0xFFFFFFFF),
+        (R.OPT_GO, 65537),
+    ):
+        c = Conn(ctx.sock)
+        c.greet()
+        send_maybe_closed(c, lambda: c.send_opt(opt, b"\0" * 64, length=length))
+        got = expect_closed(c, "option %d claiming %d data bytes" % (opt, length), allow_bytes=True)
+        # At most an error reply may precede the close.
+        if got:
+            if len(got) < 20 or struct.unpack(">Q", got[:8])[0] != R.REPLY_MAGIC:
+                fail("option %d claiming %d bytes: the server sent %r before closing" % (opt, length, got[:40]))
+            rep = struct.unpack(">I", got[12:16])[0]
+            if not rep & R.ERR_BIT:
+                fail("option %d claiming %d bytes: the server answered %s" % (opt, length, rep_name(rep)))
+    still_serves(ctx, "option lengths of 2 GiB")
+
+
+def case_long_names(ctx):
+    c = Conn(ctx.sock)
+    c.greet()
+    for opt, n in ((R.OPT_GO, 4097), (R.OPT_INFO, 8192), (R.OPT_GO, 60000)):
+        rep, _ = c.info_or_go(opt, b"n" * n)
+        expect_rep(
+            rep,
+            (R.REP_ERR_TOO_BIG, R.REP_ERR_UNKNOWN, R.REP_ERR_INVALID),
+            "%s with a %d-byte name" % ("GO" if opt == R.OPT_GO else "INFO", n),
+        )
+    # Names that are not valid strings (NUL, bad UTF-8) or just unknown.
+    for name in (b"\x00", b"\xff\xfe", b"a\x00b", b"/", b"%2f"):
+        rep, _ = c.info_or_go(R.OPT_INFO, name)
+        expect_rep(rep, (R.REP_ERR_INVALID, R.REP_ERR_UNKNOWN), "INFO for the name %r" % name)
+    # 4096 bytes is a legal length for a name, just not one that exists.
+    rep, _ = c.info_or_go(R.OPT_INFO, b"m" * 4096)
+    expect_rep(rep, R.REP_ERR_UNKNOWN, "INFO with a 4096-byte unknown name")
+
+    # Lengths inside the option that do not fit it: parse strictly, answer
+    # ERR_INVALID, go on.
+    bad = [
+        ("GO whose name length exceeds the option", R.OPT_GO, Conn.go_data(b"abc", name_len=0xFFFFFFFF)),
+        ("GO whose name length is one past the data", R.OPT_GO, Conn.go_data(b"", name_len=3)),
+        ("INFO claiming 1000 info requests it lacks", R.OPT_INFO, Conn.go_data(b"", ninfo=1000)),
+        ("GO with an odd trailing byte", R.OPT_GO, Conn.go_data(b"", infos=(3,)) + b"\x00"),
+        ("GO too short for its header", R.OPT_GO, b"\x00\x00"),
+    ]
+    for what, opt, data in bad:
+        rep, _ = c.option(opt, data)
+        expect_rep(rep, R.REP_ERR_INVALID, what)
+
+    c.negotiate_structured()
+    # Meta context queries: an oversize export name or query is an error or
+    # ignored, never fatal.
+    for what, data in (
+        ("SET_META_CONTEXT with a 5000-byte export name", Conn.meta_data(b"e" * 5000, [b"base:allocation"])),
+        ("SET_META_CONTEXT with a 5000-byte query", Conn.meta_data(b"", [b"base:" + b"q" * 5000])),
+        ("LIST_META_CONTEXT with a 5000-byte query", Conn.meta_data(b"", [b"x" * 5000])),
+    ):
+        opt = R.OPT_LIST_META_CONTEXT if what.startswith("LIST") else R.OPT_SET_META_CONTEXT
+        rep, replies = c.option(opt, data)
+        if rep == R.REP_ACK:
+            if replies:
+                fail("%s: the server selected %r" % (what, replies))
+            log("ok: %s -> ACK, nothing selected" % what)
+        else:
+            expect_rep(rep, (R.REP_ERR_TOO_BIG, R.REP_ERR_INVALID, R.REP_ERR_UNKNOWN), what)
+    for what, data in (
+        ("SET_META_CONTEXT whose query count overruns", Conn.meta_data(b"", [])[:-4] + struct.pack(">I", 7)),
+        ("SET_META_CONTEXT whose query length overruns", Conn.meta_data(b"", [])[:-4] + struct.pack(">II", 1, 0xFFFFFFF0) + b"base:"),
+        ("SET_META_CONTEXT whose name length overruns", struct.pack(">I", 0xFFFFFFFF) + b"x" * 8),
+    ):
+        rep, _ = c.option(R.OPT_SET_META_CONTEXT, data)
+        expect_rep(rep, R.REP_ERR_INVALID, what)
+    c.set_meta([b"base:allocation"])
+    if list(c.contexts.values()) != [b"base:allocation"]:
+        fail("SET_META_CONTEXT base:allocation selected %r" % c.contexts)
+    c.go()
+    ctx.expect_data(c, 0, 4096, "READ on the connection that sent long names")
+    cid = next(iter(c.contexts))
+    r = c.cmd(R.CMD_BLOCK_STATUS, 0, 65536)
+    expect_errno(r, 0, "BLOCK_STATUS after the odd meta context queries")
+    if [x for x, _ in r.block_status] != [cid]:
+        fail("BLOCK_STATUS answered contexts %r, expected [%d]" % (r.block_status, cid))
+    c.disc()
+    c.close()
+
+    # EXPORT_NAME cannot answer an error: an unknown, oversize name closes.
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_EXPORT_NAME, b"z" * 5000)
+    expect_closed(c, "EXPORT_NAME with a 5000-byte name")
+    still_serves(ctx, "names over 4096 bytes")
+
+
+def case_bad_option_magic(ctx):
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_LIST, magic=0x4948415645455054)
+    expect_closed(c, "an option with bad magic", allow_bytes=True)
+
+    c = Conn(ctx.sock)
+    c.greet()
+    send_maybe_closed(c, lambda: c.send(b"\xff" * 16))
+    expect_closed(c, "sixteen bytes of 0xff instead of an option", allow_bytes=True)
+
+    # Client flags with a bit the server did not offer: it must close.
+    c = Conn(ctx.sock)
+    c.greet(client_flags=R.FLAG_FIXED_NEWSTYLE | R.FLAG_NO_ZEROES | (1 << 7))
+    send_maybe_closed(c, lambda: c.send_opt(R.OPT_LIST))
+    expect_closed(c, "client flags with an unknown bit")
+
+    c = Conn(ctx.sock)
+    c.greet(client_flags=0xFFFFFFFF)
+    send_maybe_closed(c, lambda: c.send_opt(R.OPT_LIST))
+    expect_closed(c, "client flags 0xffffffff")
+
+    # A valid option after a good one, then garbage: the good one is answered.
+    c = Conn(ctx.sock)
+    c.greet()
+    names = c.list_exports()
+    send_maybe_closed(c, lambda: c.send(b"GARBAGE!" + b"\0" * 8))
+    expect_closed(c, "garbage after a LIST", allow_bytes=True)
+    log("ok: LIST before the garbage answered %r" % names)
+    still_serves(ctx, "bad option magic")
+
+
+# --------------------------------------------------------------------------
+# Transmission phase
+# --------------------------------------------------------------------------
+
+
+def case_unknown_commands(ctx):
+    for structured in (False, True):
+        c = R.connect_go(ctx.sock, structured=structured)
+        kind = "structured" if structured else "simple"
+        for cmd in (R.CMD_RESIZE, 9, 42, 0x7FFF, 0xFFFF):
+            r = c.cmd(cmd, 0, 4096)
+            expect_errno(r, R.EINVAL, "%s: unknown command %d" % (kind, cmd))
+            ctx.expect_data(c, 0, 4096, "%s: READ after unknown command %d" % (kind, cmd))
+        # Several unknown commands in flight with a read between them.
+        cookies = [c.send_req(77, i * 4096, 4096) for i in range(4)]
+        rd = c.send_req(R.CMD_READ, 8192, 4096)
+        for k in cookies:
+            expect_errno(c.wait(k), R.EINVAL, "%s: pipelined unknown command" % kind)
+        r = c.wait(rd)
+        if r.error or bytes(r.data) != ctx.base[8192 : 8192 + 4096]:
+            fail("%s: the READ pipelined with unknown commands failed: %r" % (kind, r))
+        c.disc()
+        c.close()
+    still_serves(ctx, "unknown commands")
+
+
+def case_unknown_flags(ctx):
+    # Simple replies: DF is not valid without structured replies.
+    c = R.connect_go(ctx.sock)
+    expect_errno(c.cmd(R.CMD_READ, 0, 4096, R.CF_DF), R.EINVAL, "simple: READ with DF")
+    expect_errno(c.cmd(R.CMD_READ, 0, 4096, 1 << 9), R.EINVAL, "simple: READ with unknown flag bit 9")
+    ctx.expect_data(c, 0, 4096, "simple: READ after flag errors")
+    c.disc()
+    c.close()
+
+    c = R.connect_go(ctx.sock, structured=True, meta=[b"base:allocation"])
+    tf = c.tflags
+    cases = [
+        (R.CMD_READ, 1 << 9, "READ with unknown flag bit 9"),
+        (R.CMD_READ, 1 << 15, "READ with unknown flag bit 15"),
+        (R.CMD_READ, R.CF_NO_HOLE, "READ with NO_HOLE"),
+        (R.CMD_READ, R.CF_REQ_ONE, "READ with REQ_ONE"),
+        (R.CMD_READ, R.CF_FAST_ZERO, "READ with FAST_ZERO"),
+        (R.CMD_READ, R.CF_PAYLOAD_LEN, "READ with PAYLOAD_LEN (no extended headers)"),
+        (R.CMD_FLUSH, 1 << 12, "FLUSH with unknown flag bit 12"),
+        (R.CMD_TRIM, R.CF_REQ_ONE, "TRIM with REQ_ONE"),
+        (R.CMD_TRIM, R.CF_DF, "TRIM with DF"),
+        (R.CMD_BLOCK_STATUS, R.CF_DF, "BLOCK_STATUS with DF"),
+        (R.CMD_BLOCK_STATUS, R.CF_NO_HOLE, "BLOCK_STATUS with NO_HOLE"),
+        (R.CMD_WRITE_ZEROES, R.CF_DF, "WRITE_ZEROES with DF"),
+        (R.CMD_WRITE_ZEROES, R.CF_REQ_ONE, "WRITE_ZEROES with REQ_ONE"),
+        (R.CMD_CACHE, 1 << 10, "CACHE with unknown flag bit 10"),
+    ]
+    for cmd, flags, what in cases:
+        r = c.cmd(cmd, MiB, 4096, flags)
+        expect_errno(r, R.EINVAL, "structured: " + what)
+    # A WRITE with a bad flag: EINVAL, its payload consumed, nothing written.
+    for flags, what in (
+        (1 << 9, "unknown flag bit 9"),
+        (R.CF_NO_HOLE, "NO_HOLE"),
+        (R.CF_DF, "DF"),
+        (R.CF_REQ_ONE, "REQ_ONE"),
+    ):
+        r = c.cmd(R.CMD_WRITE, MiB, 8192, flags, b"\xee" * 8192)
+        expect_errno(r, R.EINVAL, "structured: WRITE with " + what)
+    ctx.expect_data(c, MiB, 8192, "READ where the rejected WRITEs pointed")
+    # proto.md: FUA "is valid for all commands, provided NBD_FLAG_SEND_FUA
+    # has been negotiated, in which case the server MUST accept all commands
+    # with this bit set (even by ignoring the bit)".
+    fua_wrong = []
+    if tf & R.TF_SEND_FUA:
+        for cmd, off, n in (
+            (R.CMD_READ, 0, 4096),
+            (R.CMD_FLUSH, 0, 0),
+            (R.CMD_CACHE, 0, 4096),
+            (R.CMD_BLOCK_STATUS, 0, 4096),
+            (R.CMD_WRITE, MiB, 4096),
+            (R.CMD_WRITE_ZEROES, 5 * MiB, 4096),
+            (R.CMD_TRIM, 6 * MiB, 4096),
+        ):
+            payload = ctx.base[off : off + n] if cmd == R.CMD_WRITE else b""
+            r = c.cmd(cmd, off, n, R.CF_FUA, payload)
+            name = R.CMD_NAMES[cmd]
+            if r.error:
+                fua_wrong.append("%s with FUA -> %s" % (name, errno_name(r.error)))
+            else:
+                log("ok: structured: %s with FUA -> OK" % name)
+        # Put back what WRITE_ZEROES and TRIM changed.
+        c.write(5 * MiB, ctx.base[5 * MiB : 5 * MiB + 4096])
+        c.write(6 * MiB, ctx.base[6 * MiB : 6 * MiB + 4096])
+    c.disc()
+    c.close()
+
+    # The same through libnbd with strict mode off: it sends what it is told.
+    h = libnbd_handle(ctx)
+    e = libnbd_errno(h.pread, 4096, 0, 1 << 9)
+    if e != R.EINVAL:
+        fail("libnbd: READ with flag bit 9 gave errno %d, expected EINVAL" % e)
+    log("ok: libnbd READ with unknown flag -> EINVAL")
+    if h.pread(4096, 0) != ctx.base[:4096]:
+        fail("libnbd: READ after the flag error differs")
+    h.shutdown()
+    still_serves(ctx, "unknown flags")
+    if fua_wrong:
+        fail(
+            "SEND_FUA is advertised, so every command must accept FUA (proto.md), but: "
+            + "; ".join(fua_wrong)
+        )
+
+
+def case_past_end(ctx):
+    S = ctx.size
+    offsets = [
+        (S, 512, "at the end"),
+        (S - 512, 1024, "straddling the end"),
+        (S + 4096, 4096, "past the end"),
+        (S + 1, 0, "zero length past the end"),
+        (1 << 63, 512, "at 2^63"),
+        (U64 - 512, 1024, "wrapping past 2^64"),
+        (U64 - 4096, 8192, "wrapping past 2^64 to a valid-looking end"),
+        (U64 - 1, 1, "at 2^64-1"),
+        (S - 4096, 0xFFFFF000, "a 4 GiB length from inside"),
+    ]
+    for structured in (False, True):
+        kind = "structured" if structured else "simple"
+        meta = [b"base:allocation"] if structured else ()
+        c = R.connect_go(ctx.sock, structured=structured, meta=meta)
+        tf = c.tflags
+        for off, n, what in offsets:
+            r = c.cmd(R.CMD_READ, off, n)
+            expect_errno(r, R.EINVAL, "%s: READ %s (offset %d length %d)" % (kind, what, off, n))
+            if tf & R.TF_SEND_TRIM:
+                r = c.cmd(R.CMD_TRIM, off, n)
+                expect_errno(r, R.EINVAL, "%s: TRIM %s" % (kind, what))
+            if tf & R.TF_SEND_CACHE:
+                r = c.cmd(R.CMD_CACHE, off, n)
+                expect_errno(r, R.EINVAL, "%s: CACHE %s" % (kind, what))
+            if structured:
+                r = c.cmd(R.CMD_BLOCK_STATUS, off, n)
+                expect_errno(r, R.EINVAL, "%s: BLOCK_STATUS %s" % (kind, what))
+            if tf & R.TF_SEND_WRITE_ZEROES:
+                r = c.cmd(R.CMD_WRITE_ZEROES, off, n)
+                expect_errno(r, R.ENOSPC, "%s: WRITE_ZEROES %s" % (kind, what))
+            if n <= 65536:
+                r = c.cmd(R.CMD_WRITE, off, n, 0, b"\xab" * n)
+                expect_errno(r, R.ENOSPC, "%s: WRITE %s (payload sent)" % (kind, what))
+            ctx.expect_data(c, S - 8192, 8192, "%s: the last 8 KiB after %s" % (kind, what))
+        c.disc()
+        c.close()
+
+    # libnbd with strict mode off checks the framing of what comes back.
+    h = libnbd_handle(ctx)
+    for fn, args, want, what in (
+        (h.pread, (1024, S - 512), R.EINVAL, "pread straddling the end"),
+        (h.pread, (1024, U64 - 512), R.EINVAL, "pread wrapping past 2^64"),
+        (h.pwrite, (b"\xcd" * 1024, S - 512), R.ENOSPC, "pwrite straddling the end"),
+        (h.pwrite, (b"\xcd" * 1024, U64 - 512), R.ENOSPC, "pwrite wrapping past 2^64"),
+        (h.zero, (4096, S), R.ENOSPC, "zero past the end"),
+        (h.trim, (4096, S), R.EINVAL, "trim past the end"),
+    ):
+        e = libnbd_errno(fn, *args)
+        if e != want:
+            fail("libnbd %s: errno %s, expected %s" % (what, errno_name(e), errno_name(want)))
+        log("ok: libnbd %s -> %s" % (what, errno_name(e)))
+    if h.pread(8192, S - 8192) != ctx.base[S - 8192 :]:
+        fail("libnbd: the last 8 KiB changed")
+    h.shutdown()
+    still_serves(ctx, "requests past the end")
+
+
+def case_zero_length(ctx):
+    for structured in (False, True):
+        kind = "structured" if structured else "simple"
+        meta = [b"base:allocation"] if structured else ()
+        c = R.connect_go(ctx.sock, structured=structured, meta=meta)
+        reqs = [
+            (R.CMD_READ, 0, "READ at 0"),
+            (R.CMD_READ, ctx.size, "READ at the end"),
+            (R.CMD_WRITE, 4096, "WRITE"),
+            (R.CMD_WRITE, ctx.size, "WRITE at the end"),
+            (R.CMD_FLUSH, 0, "FLUSH"),
+            (R.CMD_TRIM, 4096, "TRIM"),
+            (R.CMD_WRITE_ZEROES, 4096, "WRITE_ZEROES"),
+            (R.CMD_CACHE, 4096, "CACHE"),
+        ]
+        if structured:
+            reqs.append((R.CMD_BLOCK_STATUS, 4096, "BLOCK_STATUS"))
+        for cmd, off, what in reqs:
+            r = c.cmd(cmd, off, 0)
+            expect_errno(r, (0, R.EINVAL), "%s: zero-length %s" % (kind, what))
+            if cmd == R.CMD_READ and r.error == 0 and r.data:
+                fail("%s: zero-length READ returned %d bytes" % (kind, len(r.data)))
+        # Pipelined zero-length requests around a real one.
+        ks = [c.send_req(R.CMD_READ, 0, 0) for _ in range(8)]
+        rd = c.send_req(R.CMD_READ, 0, 4096)
+        ks += [c.send_req(R.CMD_WRITE, 0, 0) for _ in range(8)]
+        for k in ks:
+            expect_errno(c.wait(k), (0, R.EINVAL), "%s: pipelined zero-length request" % kind)
+        r = c.wait(rd)
+        if r.error or bytes(r.data) != ctx.base[:4096]:
+            fail("%s: the READ among zero-length requests failed: %r" % (kind, r))
+        ctx.expect_data(c, 4096, 8192, "%s: data where the zero-length writes pointed" % kind)
+        c.disc()
+        c.close()
+
+    h = libnbd_handle(ctx)
+    for fn, args, what in (
+        (h.pread, (0, 0), "pread"),
+        (h.pwrite, (b"", 0), "pwrite"),
+        (h.trim, (0, 0), "trim"),
+        (h.zero, (0, 0), "zero"),
+        (h.cache, (0, 0), "cache"),
+    ):
+        e = libnbd_errno(fn, *args)
+        if e not in (0, R.EINVAL):
+            fail("libnbd zero-length %s: errno %s" % (what, errno_name(e)))
+        log("ok: libnbd zero-length %s -> %s" % (what, errno_name(e)))
+    if h.pread(4096, 0) != ctx.base[:4096]:
+        fail("libnbd: data changed after zero-length requests")
+    h.shutdown()
+    still_serves(ctx, "zero-length requests")
+
+
+def case_write_too_big(ctx):
+    # A WRITE header claiming 1 GiB: EINVAL, then the connection ends (the
+    # payload is never read, so framing is lost).
+    for length, what in ((GiB, "1 GiB"), ((32 << 20) + 1, "32 MiB + 1"), (0xFFFFFFFF, "4 GiB - 1")):
+        for structured in (False, True):
+            kind = "structured" if structured else "simple"
+            c = R.connect_go(ctx.sock, structured=structured)
+            k = c.cookie()
+            send_maybe_closed(c, lambda: c.send_req(R.CMD_WRITE, 0, length, 0, b"\x5a" * 65536, cookie=k))
+            try:
+                r = c.wait(k)
+            except Closed as e:
+                fail("%s: WRITE header claiming %s: the server closed without replying EINVAL (%s)" % (kind, what, e))
+            expect_errno(r, R.EINVAL, "%s: WRITE header claiming %s" % (kind, what))
+            expect_closed(c, "%s: after the WRITE claiming %s" % (kind, what))
+    # Nothing of the rejected payload landed.
+    c = R.connect_go(ctx.sock)
+    ctx.expect_data(c, 0, 65536, "the start of the disk after the oversize WRITEs")
+    # Exactly 32 MiB is accepted, written and read back.
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(256)) * ((32 << 20) // 256)
+    off = 4096 if ctx.size >= (32 << 20) + 8192 else None
+    if off is not None:
+        c.write(off, payload)
+        if c.read(off, 32 << 20) != payload:
+            fail("a 32 MiB WRITE did not read back")
+        log("ok: a 32 MiB WRITE and READ")
+        # Restore so later checks against BASE still hold.
+        c.write(off, ctx.base[off : off + (32 << 20)])
+    # A READ over the maximum payload is refused, the connection goes on.
+    r = c.cmd(R.CMD_READ, 0, (32 << 20) + 4096)
+    expect_errno(r, (R.EINVAL, R.EOVERFLOW), "READ of 32 MiB + 4 KiB")
+    ctx.expect_data(c, 0, 4096, "READ after the oversize READ")
+    c.disc()
+    c.close()
+    still_serves(ctx, "a WRITE header claiming 1 GiB")
+
+
+def case_bad_request_magic(ctx):
+    # A bystander connection, idle through the whole thing, must not notice.
+    bystander = R.connect_go(ctx.sock, structured=True)
+    ctx.expect_data(bystander, 0, 4096, "bystander before")
+
+    for magic, what in (
+        (0x12345678, "magic 0x12345678"),
+        (R.SIMPLE_MAGIC, "a reply magic"),
+        (0, "zero magic"),
+    ):
+        c = R.connect_go(ctx.sock)
+        send_maybe_closed(c, lambda: c.send_req(R.CMD_READ, 0, 4096, magic=magic, track=False))
+        # An error reply before closing is harmless (qemu-nbd sends one).
+        expect_closed(c, "a request with " + what, allow_bytes=True)
+
+    # An extended (32-byte) request on a connection that did not negotiate it.
+    c = R.connect_go(ctx.sock)
+    send_maybe_closed(c, lambda: c.send_req(R.CMD_READ, 0, 4096, extended=True, track=False))
+    expect_closed(c, "an extended request without EXTENDED_HEADERS", allow_bytes=True)
+
+    # A good READ then a bad header in the same write: the READ may or may
+    # not be answered, but correctly, and then the connection ends.
+    c = R.connect_go(ctx.sock)
+    good = c.request_bytes(R.CMD_READ, 0, 65536, 0, 1)
+    bad = c.request_bytes(R.CMD_READ, 0, 4096, 0, 2, magic=0xDEADBEEF)
+    c.pending[1] = (R.CMD_READ, 65536, 0)
+    c.send(good + bad)
+    got = expect_closed(c, "bad magic after a good READ", allow_bytes=True)
+    if len(got) >= 16:
+        magic, err, cookie = struct.unpack(">IIQ", got[:16])
+        if magic != R.SIMPLE_MAGIC:
+            fail("the reply before the close has magic 0x%08x" % magic)
+        if cookie == 1 and err == 0 and got[16 : 16 + 65536] != ctx.base[:65536]:
+            fail("the READ before the bad magic was answered with wrong data")
+        log("ok: before closing the server answered cookie %d with %s" % (cookie, errno_name(err)))
+
+    # A bad magic in the middle of a WRITE stream (the payload length lies).
+    c = R.connect_go(ctx.sock)
+    c.send(c.request_bytes(R.CMD_WRITE, MiB, 16, 0, 5) + b"\x11" * 16)  # good
+    send_maybe_closed(c, lambda: c.send(b"\x99" * 28))
+    got = expect_closed(c, "28 bytes of garbage as a request", allow_bytes=True)
+    if len(got) >= 16:
+        magic, err, cookie = struct.unpack(">IIQ", got[:16])
+        if magic != R.SIMPLE_MAGIC or (cookie == 5 and err != 0):
+            fail("the WRITE before the garbage was answered %r" % got[:16])
+    # Put back what the good WRITE wrote (it may or may not have landed).
+    bystander.write(MiB, ctx.base[MiB : MiB + 16])
+
+    ctx.expect_data(bystander, 0, 65536, "bystander after the bad magic on other connections")
+    ctx.expect_data(bystander, 2 * MiB, 4096, "bystander again")
+    bystander.disc()
+    bystander.close()
+    still_serves(ctx, "bad request magic")
+
+
+def case_disconnect_mid_message(ctx):
+    # Handshake phase: close at every awkward point.
+    c = Conn(ctx.sock)
+    c.close()
+    c = Conn(ctx.sock)
+    c.recv_exact(5)
+    c.close()
+    c = Conn(ctx.sock)
+    c.greet(client_flags=None)
+    c.send(b"\x00\x00")  # half the client flags
+    c.close()
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send(struct.pack(">QI", R.IHAVEOPT, R.OPT_GO)[:10])  # half an option header
+    c.close()
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send(struct.pack(">QII", R.IHAVEOPT, R.OPT_GO, 100) + b"\0" * 20)  # short option data
+    c.close()
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send(struct.pack(">QII", R.IHAVEOPT, R.OPT_GO, 100) + b"\0" * 20)
+    c.shut_wr()
+    expect_closed(c, "EOF in the middle of option data")
+    log("ok: hung up at five points of the handshake")
+
+    # Transmission: half a request header, with and without half-close.
+    for half_close in (False, True):
+        c = R.connect_go(ctx.sock)
+        c.send(c.request_bytes(R.CMD_READ, 0, 4096, 0, 1)[:13])
+        if half_close:
+            c.shut_wr()
+            expect_closed(c, "EOF in the middle of a request header")
+        c.close()
+    # A structured connection with reads in flight, then half a header.
+    c = R.connect_go(ctx.sock, structured=True)
+    for i in range(16):
+        c.send_req(R.CMD_READ, i * MiB % ctx.size, MiB)
+    c.send(c.request_bytes(R.CMD_WRITE, 0, 4096, 0, 99)[:20])
+    c.close()
+    log("ok: hung up in the middle of request headers")
+    still_serves(ctx, "a disconnect in the middle of a header")
+
+
+def case_disconnect_mid_payload(ctx):
+    target = 2 * MiB
+    # WRITE header for 64 KiB, then part of the payload, then gone.
+    for sent, half_close in ((0, False), (1000, False), (65535, False), (1000, True), (65535, True)):
+        c = R.connect_go(ctx.sock)
+        c.send(c.request_bytes(R.CMD_WRITE, target, 65536, 0, 1) + b"\xee" * sent)
+        if half_close:
+            c.shut_wr()
+            got = expect_closed(c, "EOF after %d of 65536 payload bytes" % sent, allow_bytes=True)
+            if got:
+                # A reply to the truncated WRITE can only be an error.
+                magic, err = struct.unpack(">II", got[:8])
+                if magic != R.SIMPLE_MAGIC or err == 0:
+                    fail("the truncated WRITE was answered %r" % got[:16])
+        c.close()
+    # The same with a big write already in flight before it.
+    c = R.connect_go(ctx.sock, structured=True)
+    k = c.send_req(R.CMD_WRITE, 3 * MiB, MiB, 0, ctx.base[3 * MiB : 4 * MiB])
+    c.send(c.request_bytes(R.CMD_WRITE, target, MiB, 0, 2) + b"\xee" * 300000)
+    c.close()
+    log("ok: hung up in the middle of WRITE payloads")
+
+    # Reads whose replies nobody reads: the server's writes hit a closed socket.
+    for n in (8, 64):
+        c = R.connect_go(ctx.sock)
+        for i in range(n):
+            c.send_req(R.CMD_READ, (i * MiB) % (ctx.size - MiB), MiB)
+        c.close()
+    c = R.connect_go(ctx.sock, structured=True)
+    for i in range(32):
+        c.send_req(R.CMD_READ, (i * MiB) % (ctx.size - MiB), MiB)
+    c.shut_wr()
+    c.recv_exact(100)
+    c.close()
+    log("ok: hung up with READ replies unread")
+
+    c = R.connect_go(ctx.sock)
+    ctx.expect_data(c, target, MiB, "the range the truncated WRITEs aimed at")
+    c.disc()
+    c.close()
+    still_serves(ctx, "a disconnect in the middle of a WRITE payload")
+
+
+def case_stalled_clients(ctx):
+    # Clients that stop half-way and stay connected must not hold up anyone
+    # else: one that never reads the greeting, one in the middle of its
+    # flags, of an option header, of option data, of a request header, and
+    # of WRITE payloads (up to 32 MiB ones).
+    stalled = []
+    c = Conn(ctx.sock)
+    stalled.append(c)
+    c = Conn(ctx.sock)
+    c.greet(client_flags=None)
+    c.send(b"\x00")
+    stalled.append(c)
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send(struct.pack(">QI", R.IHAVEOPT, R.OPT_GO)[:9])
+    stalled.append(c)
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send(struct.pack(">QII", R.IHAVEOPT, R.OPT_GO, 50) + b"\0" * 7)
+    stalled.append(c)
+    c = R.connect_go(ctx.sock)
+    c.send(c.request_bytes(R.CMD_READ, 0, 4096, 0, 1)[:11])
+    stalled.append(c)
+    for i in range(4):
+        c = R.connect_go(ctx.sock, structured=True)
+        c.send(c.request_bytes(R.CMD_WRITE, 2 * MiB, 32 * MiB, 0, 1) + b"\xee" * 100000)
+        stalled.append(c)
+    log("ok: %d stalled clients connected" % len(stalled))
+
+    # Meanwhile, well-behaved clients: raw, libnbd, several in a row.
+    for i in range(3):
+        still_serves(ctx, "%d stalled clients (round %d)" % (len(stalled), i))
+    h = libnbd_handle(ctx)
+    if h.pread(MiB, 3 * MiB) != ctx.base[3 * MiB : 4 * MiB]:
+        fail("libnbd read beside stalled clients differs")
+    h.pwrite(ctx.base[5 * MiB : 6 * MiB], 5 * MiB)
+    h.shutdown()
+    log("ok: libnbd beside stalled clients")
+    for c in stalled:
+        c.close()
+    c = R.connect_go(ctx.sock)
+    ctx.expect_data(c, 2 * MiB, 32 * MiB, "the range the stalled WRITEs aimed at")
+    c.disc()
+    c.close()
+    still_serves(ctx, "stalled clients went away")
+
+
+def case_unread_replies(ctx):
+    # A client that sends many large READs and never reads the replies: the
+    # server's writes to it block. That must not hold up other connections
+    # (nbd.md: one client's bad input never affects another connection).
+    hog = R.connect_go(ctx.sock)
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def flood():
+        try:
+            for i in range(256):
+                hog.send_req(R.CMD_READ, (i * MiB) % (ctx.size - MiB), MiB, track=False)
+        except OSError:
+            pass
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        for i in range(2):
+            still_serves(ctx, "a client that leaves 256 x 1 MiB READ replies unread (round %d)" % i)
+    except (socket.timeout, TimeoutError):
+        fail(
+            "while another client had up to 256 x 1 MiB READ replies unread, a well-behaved "
+            "client's request got no reply (starved until that client goes away)"
+        )
+    # shutdown() wakes the flooder's blocked send; close() alone would not.
+    hog.sock.shutdown(socket.SHUT_RDWR)
+    flooder.join()
+    hog.close()
+    still_serves(ctx, "the client with unread replies went away")
+
+
+def case_pipelined_handshake(ctx):
+    # A client may send its flags, its options and its first requests in one
+    # write without waiting for answers (each option's reply is not needed
+    # to frame the next). Bytes the server reads ahead while it parses the
+    # handshake must not be lost when transmission starts.
+    c = Conn(ctx.sock)
+    c.recv_exact(18)
+    c.structured = True
+    blob = struct.pack(">I", R.FLAG_FIXED_NEWSTYLE | R.FLAG_NO_ZEROES)
+    blob += struct.pack(">QII", R.IHAVEOPT, R.OPT_STRUCTURED_REPLY, 0)
+    go = Conn.go_data(b"", (R.INFO_BLOCK_SIZE,))
+    blob += struct.pack(">QII", R.IHAVEOPT, R.OPT_GO, len(go)) + go
+    for i in range(4):
+        c.pending[i + 1] = (R.CMD_READ, 4096, i * 4096)
+        blob += c.request_bytes(R.CMD_READ, i * 4096, 4096, 0, i + 1)
+    c.send(blob)
+    rep, _ = c.read_final(R.OPT_STRUCTURED_REPLY)
+    expect_rep(rep, R.REP_ACK, "pipelined STRUCTURED_REPLY")
+    rep, _ = c.read_final(R.OPT_GO)
+    expect_rep(rep, R.REP_ACK, "pipelined GO")
+    for i in range(4):
+        r = c.wait(i + 1)
+        if r.error or bytes(r.data) != ctx.base[i * 4096 : (i + 1) * 4096]:
+            fail("READ %d sent with the handshake answered wrongly: %r" % (i, r))
+    log("ok: four READs sent in the same write as the handshake answered")
+    c.disc()
+    c.close()
+
+    # The same with EXPORT_NAME, which has no option reply at all.
+    c = Conn(ctx.sock)
+    c.recv_exact(18)
+    blob = struct.pack(">I", R.FLAG_FIXED_NEWSTYLE | R.FLAG_NO_ZEROES)
+    blob += struct.pack(">QII", R.IHAVEOPT, R.OPT_EXPORT_NAME, 0)
+    c.pending[7] = (R.CMD_READ, 65536, 8192)
+    blob += c.request_bytes(R.CMD_READ, 8192, 65536, 0, 7)
+    c.send(blob)
+    size, _ = struct.unpack(">QH", c.recv_exact(10))
+    if size != ctx.size:
+        fail("pipelined EXPORT_NAME: size %d" % size)
+    r = c.wait(7)
+    if r.error or bytes(r.data) != ctx.base[8192 : 8192 + 65536]:
+        fail("the READ sent with EXPORT_NAME answered wrongly: %r" % r)
+    log("ok: a READ sent in the same write as EXPORT_NAME answered")
+    c.disc()
+    c.close()
+    still_serves(ctx, "pipelined handshakes")
+
+
+def case_sigterm_stalled(ctx):
+    # Connections in every awkward state, and one acknowledged WRITE; then
+    # READY, and the test sends SIGTERM. The server must exit (0) without
+    # waiting for these clients; the test closes our stdin once it has.
+    stalled = []
+    c = Conn(ctx.sock)
+    stalled.append(c)
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send(b"\x00" * 5)
+    stalled.append(c)
+    c = R.connect_go(ctx.sock)
+    stalled.append(c)
+    c = R.connect_go(ctx.sock, structured=True)
+    c.send(c.request_bytes(R.CMD_WRITE, 2 * MiB, MiB, 0, 1) + b"\xee" * 1000)
+    stalled.append(c)
+    w = R.connect_go(ctx.sock)
+    w.write(7 * MiB, b"\x42" * 65536)
+    stalled.append(w)
+    log("READY")
+    sys.stdin.read()
+    for c in stalled:
+        c.read_to_eof()
+        c.close()
+    log("ok: every connection was closed by the stopping server")
+
+
+def case_deep_pipeline(ctx):
+    # Thousands of requests sent in one go while the replies are read
+    # concurrently: every one answered once, with the right data.
+    c = R.connect_go(ctx.sock, structured=True)
+    n = 5000
+    span = ctx.size - 4096
+    blob = []
+    for i in range(n):
+        off = (i * 4096 * 7) % span
+        c.pending[i + 1] = (R.CMD_READ, 4096, off)
+        blob.append(c.request_bytes(R.CMD_READ, off, 4096, 0, i + 1))
+    sender = threading.Thread(target=c.send, args=(b"".join(blob),))
+    sender.start()
+    seen = set()
+    for _ in range(n):
+        r = c.wait_any()
+        if r.cookie in seen:
+            fail("cookie %d answered twice" % r.cookie)
+        seen.add(r.cookie)
+        if r.error or bytes(r.data) != ctx.base[r.offset : r.offset + 4096]:
+            fail("pipelined READ at %d answered wrongly: %r" % (r.offset, r))
+    sender.join()
+    log("ok: %d pipelined READs answered" % n)
+    c.disc()
+    c.close()
+    still_serves(ctx, "a deep pipeline")
+
+
+def pattern(i, n):
+    return bytes([(i * 37 + 1) & 0xFF]) * n
+
+
+def case_disc_in_flight(ctx):
+    import nbd
+
+    # libnbd: queue writes and reads, then shutdown (DISC) at once.
+    h = libnbd_handle(ctx, strict=nbd.STRICT_MASK)
+    base_off = 4 * MiB
+    n = 16
+    size = 256 * 1024
+    bufs = []
+    for i in range(n):
+        b = nbd.Buffer.from_bytearray(bytearray(pattern(i, size)))
+        bufs.append(b)
+        h.aio_pwrite(b, base_off + i * size)
+    reads = []
+    for i in range(4):
+        b = nbd.Buffer(65536)
+        reads.append((b, i * 65536, h.aio_pread(b, i * 65536)))
+    log("libnbd: %d commands in flight before shutdown" % h.aio_in_flight())
+    try:
+        h.shutdown()
+    except nbd.Error as e:
+        fail("libnbd shutdown with requests in flight failed: %s" % e)
+    log("ok: libnbd shutdown with requests in flight")
+    del h
+
+    # Raw: writes, reads and a FLUSH, then DISC, all in one go; every reply
+    # must come back, then the connection closes.
+    c = R.connect_go(ctx.sock)
+    raw_off = 9 * MiB
+    msgs = []
+    expected = {}
+    for i in range(8):
+        k = c.cookie()
+        c.pending[k] = (R.CMD_WRITE, size, raw_off + i * size)
+        msgs.append(c.request_bytes(R.CMD_WRITE, raw_off + i * size, size, 0, k) + pattern(100 + i, size))
+        expected[k] = "write"
+    for i in range(4):
+        k = c.cookie()
+        c.pending[k] = (R.CMD_READ, 65536, MiB + i * 65536)
+        msgs.append(c.request_bytes(R.CMD_READ, MiB + i * 65536, 65536, 0, k))
+        expected[k] = ("read", MiB + i * 65536)
+    k = c.cookie()
+    c.pending[k] = (R.CMD_FLUSH, 0, 0)
+    msgs.append(c.request_bytes(R.CMD_FLUSH, 0, 0, 0, k))
+    expected[k] = "flush"
+    msgs.append(c.request_bytes(R.CMD_DISC, 0, 0, 0, c.cookie()))
+    blob = b"".join(msgs)
+    sender = threading.Thread(target=c.send, args=(blob,))
+    sender.start()
+    # proto.md: the server "MUST handle all outstanding requests" and then
+    # close. Whether it sends their replies is not spelled out (qemu-nbd
+    # drops some), so replies may be missing, but those sent must be right,
+    # and the writes must have landed (checked below).
+    replies = {}
+    try:
+        while len(replies) < len(expected):
+            r = c.wait_any()
+            replies[r.cookie] = r
+    except Closed:
+        pass
+    sender.join()
+    missing = sorted(str(w) for k, w in expected.items() if k not in replies)
+    log("%d of %d requests in flight before DISC answered; unanswered: %s" % (len(replies), len(expected), missing))
+    for k, r in replies.items():
+        what = expected[k]
+        if r.error:
+            fail("request %r in flight before DISC failed: %s" % (what, errno_name(r.error)))
+        if isinstance(what, tuple):
+            off = what[1]
+            if bytes(r.data) != ctx.base[off : off + 65536]:
+                fail("READ at %d in flight before DISC returned wrong data" % off)
+    if len(replies) == len(expected):
+        expect_closed(c, "after DISC")
+
+    # From a fresh connection: every write sent before DISC landed.
+    c = R.connect_go(ctx.sock)
+    for i in range(n):
+        if c.read(base_off + i * size, size) != pattern(i, size):
+            fail("libnbd aio_pwrite %d (offset %d), issued before DISC, did not land" % (i, base_off + i * size))
+    for i in range(8):
+        if c.read(raw_off + i * size, size) != pattern(100 + i, size):
+            fail("raw WRITE %d (offset %d), sent before DISC, did not land" % (i, raw_off + i * size))
+    log("ok: every write sent before DISC landed")
+    c.disc()
+    c.close()
+    still_serves(ctx, "DISC with requests in flight")
+
+
+def case_extended_headers(ctx):
+    c = Conn(ctx.sock)
+    c.greet()
+    c.negotiate_extended()
+    log("ok: EXTENDED_HEADERS -> ACK")
+    c.set_meta([b"base:allocation"])
+    c.go()
+    if c.size != ctx.size:
+        fail("extended: size %d" % c.size)
+    ctx.expect_data(c, 0, 65536, "extended: READ")
+    data = bytes(range(256)) * 32
+    c.write(3 * MiB, data)
+    if c.read(3 * MiB, len(data)) != data:
+        fail("extended: WRITE did not read back")
+    c.write(3 * MiB, ctx.base[3 * MiB : 3 * MiB + len(data)])
+    log("ok: extended WRITE and READ")
+    r = c.cmd(R.CMD_BLOCK_STATUS, 0, ctx.size)
+    expect_errno(r, 0, "extended: BLOCK_STATUS")
+    if not r.block_status or any(t != R.RT_BLOCK_STATUS_EXT for _, t, _ in r.chunks if t != R.RT_NONE):
+        fail("extended: BLOCK_STATUS did not answer with BLOCK_STATUS_EXT chunks: %r" % r)
+    total = sum(l for l, _ in r.block_status[0][1])
+    if total == 0 or total > ctx.size:
+        fail("extended: BLOCK_STATUS descriptors cover %d bytes" % total)
+    log("ok: extended BLOCK_STATUS: %d descriptors" % len(r.block_status[0][1]))
+    for off, n, want, what in (
+        (0, 1 << 33, (R.EINVAL, R.EOVERFLOW), "READ with an 8 GiB length"),
+        (ctx.size, 512, R.EINVAL, "READ at the end"),
+        (U64 - 512, 1024, R.EINVAL, "READ wrapping past 2^64"),
+        (0, U64 - 1, (R.EINVAL, R.EOVERFLOW), "READ with a length of 2^64-1"),
+    ):
+        expect_errno(c.cmd(R.CMD_READ, off, n), want, "extended: " + what)
+    expect_errno(c.cmd(42, 0, 4096), R.EINVAL, "extended: unknown command")
+    expect_errno(c.cmd(R.CMD_WRITE_ZEROES, U64 - 4096, 8192), R.ENOSPC, "extended: WRITE_ZEROES wrapping past 2^64")
+    expect_errno(
+        c.cmd(R.CMD_WRITE, ctx.size - 512, 1024, 0, b"\x77" * 1024), R.ENOSPC, "extended: WRITE straddling the end"
+    )
+    expect_errno(c.cmd(R.CMD_READ, 0, 0), (0, R.EINVAL), "extended: zero-length READ")
+    ctx.expect_data(c, ctx.size - 4096, 4096, "extended: the end after the errors")
+    c.disc()
+    c.close()
+
+    # A compact request on an extended connection is bad magic.
+    c = R.connect_go(ctx.sock, extended=True)
+    # Two of them, so that a server reading whole 32-byte headers gets one.
+    for _ in range(2):
+        send_maybe_closed(c, lambda: c.send_req(R.CMD_READ, 0, 4096, extended=False, track=False))
+    expect_closed(c, "a compact request after EXTENDED_HEADERS", allow_bytes=True)
+
+    # A 1 GiB WRITE on an extended connection: EINVAL, then closed.
+    c = R.connect_go(ctx.sock, extended=True)
+    k = c.cookie()
+    send_maybe_closed(c, lambda: c.send_req(R.CMD_WRITE, 0, GiB, 0, b"\x5a" * 4096, cookie=k))
+    try:
+        r = c.wait(k)
+    except Closed as e:
+        fail("extended: WRITE claiming 1 GiB: closed without replying EINVAL (%s)" % e)
+    expect_errno(r, R.EINVAL, "extended: WRITE claiming 1 GiB")
+    expect_closed(c, "extended: after the WRITE claiming 1 GiB")
+
+    # A 64-bit WRITE length (beyond 32 bits): the same.
+    c = R.connect_go(ctx.sock, extended=True)
+    k = c.cookie()
+    send_maybe_closed(c, lambda: c.send_req(R.CMD_WRITE, 0, 1 << 40, 0, b"\x5a" * 4096, cookie=k))
+    try:
+        r = c.wait(k)
+    except Closed as e:
+        fail("extended: WRITE claiming 1 TiB: closed without replying EINVAL (%s)" % e)
+    expect_errno(r, R.EINVAL, "extended: WRITE claiming 1 TiB")
+    expect_closed(c, "extended: after the WRITE claiming 1 TiB")
+    still_serves(ctx, "extended headers")
+
+
+def case_read_only(ctx):
+    c = R.connect_go(ctx.sock, structured=True)
+    if not c.tflags & R.TF_READ_ONLY:
+        fail("a --read-only export does not advertise READ_ONLY: flags 0x%x" % c.tflags)
+    log("ok: READ_ONLY advertised")
+    expect_errno(c.cmd(R.CMD_WRITE, 0, 4096, 0, b"\x42" * 4096), R.EPERM, "read-only: WRITE")
+    # FUA need not be advertised on a read-only export; if it is not, the
+    # flag itself is invalid and EINVAL is a fair answer too.
+    fua_ok = (R.EPERM,) if c.tflags & R.TF_SEND_FUA else (R.EPERM, R.EINVAL)
+    expect_errno(c.cmd(R.CMD_WRITE, 0, 4096, R.CF_FUA, b"\x42" * 4096), fua_ok, "read-only: WRITE with FUA")
+    expect_errno(c.cmd(R.CMD_WRITE_ZEROES, 0, 4096), R.EPERM, "read-only: WRITE_ZEROES")
+    expect_errno(c.cmd(R.CMD_TRIM, 0, 4096), R.EPERM, "read-only: TRIM")
+    expect_errno(c.cmd(R.CMD_WRITE, 8192, 65536, 0, b"\x42" * 65536), R.EPERM, "read-only: a 64 KiB WRITE")
+    ctx.expect_data(c, 0, 8192, "read-only: READ after the refused writes")
+    r = c.cmd(R.CMD_FLUSH, 0, 0)
+    expect_errno(r, (0, R.EPERM, R.EINVAL), "read-only: FLUSH")
+    c.disc()
+    c.close()
+
+    h = libnbd_handle(ctx)
+    if not h.is_read_only():
+        fail("libnbd: is_read_only() is false")
+    for fn, args, what in (
+        (h.pwrite, (b"\x42" * 4096, 4096), "pwrite"),
+        (h.zero, (4096, 4096), "zero"),
+        (h.trim, (4096, 4096), "trim"),
+    ):
+        e = libnbd_errno(fn, *args)
+        if e != R.EPERM:
+            fail("libnbd read-only %s: errno %s, expected EPERM" % (what, errno_name(e)))
+        log("ok: libnbd read-only %s -> EPERM" % what)
+    if h.pread(8192, 0) != ctx.base[:8192]:
+        fail("read-only export changed")
+    h.shutdown()
+    still_serves(ctx, "writes to a read-only export")
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit("usage: hostile.py CASE SOCKET BASE")
+    case, sock, base = sys.argv[1:]
+    fn = globals().get("case_" + case)
+    if fn is None:
+        sys.exit("unknown case %r" % case)
+    fn(Ctx(sock, base))
+    print("PASS %s" % case, flush=True)
+
+
+if __name__ == "__main__":
+    main()
