@@ -110,6 +110,16 @@ pub enum Reply {
 /// must not block for long.
 pub trait Sink: Send + Sync {
     fn complete(&self, token: u64, result: Result<Reply, Errno>);
+
+    /// Like `complete`, but the worker calls [`Sink::flush`] before it next
+    /// sleeps, so a sink may hold back its wake-ups and let one wake-up carry
+    /// a whole batch of completions.
+    fn complete_batched(&self, token: u64, result: Result<Reply, Errno>) {
+        self.complete(token, result);
+    }
+
+    /// The end of a batch of `complete_batched` calls.
+    fn flush(&self) {}
 }
 
 /// How to open a device.
@@ -342,6 +352,14 @@ impl Device {
     /// Hands `req` to the device; `sink` hears its end. Requests enter in
     /// ticket order; a request the device refuses ends at once.
     pub fn submit(&self, req: Request, sink: Arc<dyn Sink>) {
+        self.submit_quiet(req, sink);
+        self.kick();
+    }
+
+    /// Like [`Device::submit`], but leaves waking the worker to a later
+    /// [`Device::kick`], so a caller with several requests in hand pays for
+    /// one wake-up. The caller must `kick` before it waits for anything.
+    pub fn submit_quiet(&self, req: Request, sink: Arc<dyn Sink>) {
         if let Err(errno) = self.validate(&req) {
             sink.complete(req.token, Err(errno));
             return;
@@ -349,6 +367,10 @@ impl Device {
         let ticket = self.seq.enter();
         self.intake.push(req, sink);
         drop(ticket);
+    }
+
+    /// Wakes the worker for requests handed over with `submit_quiet`.
+    pub fn kick(&self) {
         self.waker.wake();
     }
 

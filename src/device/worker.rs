@@ -174,6 +174,8 @@ pub struct Worker {
     pub(super) closing: Arc<AtomicBool>,
     pub(super) reqs: Vec<Option<Req>>,
     pub(super) free: Vec<u32>,
+    /// Sinks that heard `complete_batched` since the worker last slept.
+    batched: Vec<Arc<dyn Sink>>,
     pub(super) locks: RangeLocks,
     pub(super) scratch_free: Vec<u32>,
     pub(super) scratch_wait: VecDeque<u32>,
@@ -245,6 +247,7 @@ impl Worker {
             closing,
             reqs: (0..max_requests).map(|_| None).collect(),
             free: (0..mr).rev().collect(),
+            batched: Vec::with_capacity(mr as usize),
             locks: RangeLocks::new(max_requests),
             scratch_free: (mr..mr + SCRATCH).rev().collect(),
             scratch_wait: VecDeque::with_capacity(max_requests),
@@ -291,6 +294,7 @@ impl Worker {
             // Nothing to start: new requests wait for a free slot, if any.
             let idle =
                 |w: &Worker| w.intake.is_empty() && (w.local.is_empty() || w.free.is_empty());
+            self.flush_sinks();
             self.ring.announce_sleep();
             let idle = done.is_empty() && idle(&self);
             // When closing with nothing in hand, loop back to the final round.
@@ -313,9 +317,17 @@ impl Worker {
         }
     }
 
+    /// Ends the batch of every sink that heard `complete_batched`.
+    fn flush_sinks(&mut self) {
+        for sink in self.batched.drain(..) {
+            sink.flush();
+        }
+    }
+
     /// Ends every request the worker knows of with `errno`. Their buffers
     /// stay in the ring, which drains (or leaks) them when it goes.
     fn fail_everything(&mut self, errno: Errno) {
+        self.flush_sinks();
         self.intake.shut(errno);
         for (req, sink) in self.local.drain(..) {
             sink.complete(req.token, Err(errno));
@@ -577,7 +589,10 @@ impl Worker {
             return;
         };
         self.free.push(slot);
-        r.sink.complete(r.token, result);
+        r.sink.complete_batched(r.token, result);
+        if !self.batched.last().is_some_and(|s| Arc::ptr_eq(s, &r.sink)) {
+            self.batched.push(r.sink);
+        }
     }
 }
 

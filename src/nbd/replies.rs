@@ -137,9 +137,25 @@ impl Shared {
     /// Announces a reply (a `Now` or a `Begin`), first waiting while `limit`
     /// replies are already owed, or while the READ bytes owed plus
     /// `read_bytes` would pass `budget` (one READ alone always goes).
-    pub fn announce(&self, out: Out, limit: usize, read_bytes: u64, budget: u64) {
+    /// `before_wait` runs (unlocked) once before any wait.
+    pub fn announce(
+        &self,
+        out: Out,
+        limit: usize,
+        read_bytes: u64,
+        budget: u64,
+        before_wait: impl FnOnce(),
+    ) {
+        let over = |st: &State| {
+            st.in_flight >= limit || st.read_bytes > 0 && st.read_bytes + read_bytes > budget
+        };
         let mut st = self.lock();
-        while st.in_flight >= limit || st.read_bytes > 0 && st.read_bytes + read_bytes > budget {
+        if over(&st) {
+            drop(st);
+            before_wait();
+            st = self.lock();
+        }
+        while over(&st) {
             st.reader_waiting = true;
             st = self
                 .reader_cv
@@ -203,6 +219,20 @@ impl Shared {
 impl Sink for Shared {
     fn complete(&self, token: u64, result: Result<Reply, Errno>) {
         self.piece(token, result);
+    }
+
+    fn complete_batched(&self, token: u64, result: Result<Reply, Errno>) {
+        let mut st = self.lock();
+        st.queue.push_back(Out::Piece { token, result });
+    }
+
+    /// One wake-up for the writer per batch of device completions.
+    fn flush(&self) {
+        let mut st = self.lock();
+        if st.writer_waiting && !st.queue.is_empty() {
+            st.writer_waiting = false;
+            self.writer_cv.notify_one();
+        }
     }
 }
 

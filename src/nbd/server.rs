@@ -233,6 +233,22 @@ impl Registry {
     }
 }
 
+/// A connection's place in the registry, given up on drop.
+struct Entry {
+    registry: Arc<Registry>,
+    id: u64,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.registry
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
 /// Serves `exports` on `listeners` until `stop` is signalled, then drains
 /// every connection. Accepts at most `max_connections` at once (more are
 /// closed at once, with a log line).
@@ -335,12 +351,9 @@ fn spawn_connection(
         .spawn({
             let registry = registry.clone();
             move || {
+                // Leaves the registry however the connection ends (a panic too).
+                let _entry = Entry { registry, id };
                 connection(id, stream, &exports);
-                registry
-                    .streams
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
             }
         });
     if spawned.is_err() {

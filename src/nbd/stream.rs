@@ -144,6 +144,11 @@ impl Input {
         }
     }
 
+    /// Bytes read from the socket and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
     /// The connection (to write the handshake's replies, or to clone).
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream

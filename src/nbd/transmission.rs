@@ -99,6 +99,7 @@ pub fn serve(mut input: Input, session: &Session) -> End {
         read_budget,
     };
     let end = conn.read_requests(&mut input);
+    device.kick();
     shared.drain_and_close();
     let _ = writer.join();
     end
@@ -113,7 +114,13 @@ impl Conn<'_> {
             codec::REQUEST_LEN
         };
         let mut head = [0u8; codec::EXTENDED_REQUEST_LEN];
+        let device = &self.session.export.device;
         loop {
+            // Requests already in hand go to the worker with one wake-up,
+            // before the reader may block on the socket.
+            if input.buffered() < hlen {
+                device.kick();
+            }
             match input.read_exact(&mut head[..hlen]) {
                 Ok(()) => {}
                 Err(ReadError::Closed) => return End::Closed,
@@ -141,7 +148,9 @@ impl Conn<'_> {
             error,
             message,
         };
-        self.shared.announce(out, MAX_IN_FLIGHT, 0, 0);
+        let device = &self.session.export.device;
+        self.shared
+            .announce(out, MAX_IN_FLIGHT, 0, 0, || device.kick());
     }
 
     /// Handles one request; `Some` when the connection must end.
@@ -251,13 +260,20 @@ impl Conn<'_> {
         let read_bytes = if command == cmd::READ { len } else { 0 };
         let begin = Out::Begin { id, req: pending };
         self.shared
-            .announce(begin, MAX_IN_FLIGHT, read_bytes, self.read_budget);
+            .announce(begin, MAX_IN_FLIGHT, read_bytes, self.read_budget, || {
+                device.kick()
+            });
         for i in 0..pieces as usize {
             let (at, n) = piece_bounds(offset, len, piece_size, i as u32);
             let tok = token(id, i as u32);
             let mut buffers = None;
             if data {
-                let mut chunks = match device.alloc(at, n) {
+                // Waiting for memory needs the requests in hand to be running.
+                let quick = device.try_alloc(at, n).ok_or(Errno::EAGAIN);
+                let mut chunks = match quick.or_else(|_| {
+                    device.kick();
+                    device.alloc(at, n)
+                }) {
                     Ok(c) => c,
                     Err(e) => {
                         self.fail_rest(id, i as u32, pieces as u32, e);
@@ -271,6 +287,9 @@ impl Conn<'_> {
                         return None;
                     }
                 };
+                if command == cmd::WRITE && (input.buffered() as u64) < n {
+                    device.kick();
+                }
                 if command == cmd::WRITE
                     && let Err(e) = read_into(input, &mut chunks, at, n, at - offset, len)
                 {
@@ -290,7 +309,7 @@ impl Conn<'_> {
                 data: buffers,
                 token: tok,
             };
-            device.submit(request, self.shared.clone());
+            device.submit_quiet(request, self.shared.clone());
         }
         None
     }
