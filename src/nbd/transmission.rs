@@ -177,34 +177,30 @@ impl Conn<'_> {
             )));
         }
         // Refuse before reading the payload, then consume it: framing holds.
-        let refuse = |error, message| (error, message);
         let refusal = if codec::cmd::name(command).is_none() || command == cmd::RESIZE {
-            Some(refuse(errno::EINVAL, "unknown command"))
+            Some((errno::EINVAL, "unknown command"))
         } else if req.flags & !allowed_flags(command, self.session.style, read_only) != 0 {
-            Some(refuse(errno::EINVAL, "flag not valid for this command"))
+            Some((errno::EINVAL, "flag not valid for this command"))
         } else if payload > 0 && command != cmd::WRITE {
-            Some(refuse(errno::EINVAL, "unexpected payload"))
+            Some((errno::EINVAL, "unexpected payload"))
         } else if read_only && matches!(command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
-            Some(refuse(errno::EPERM, "the export is read-only"))
+            Some((errno::EPERM, "the export is read-only"))
         } else if matches!(
             command,
             cmd::READ | cmd::WRITE | cmd::TRIM | cmd::CACHE | cmd::WRITE_ZEROES | cmd::BLOCK_STATUS
         ) && (offset > size || len > size - offset)
         {
             Some(if matches!(command, cmd::WRITE | cmd::WRITE_ZEROES) {
-                refuse(errno::ENOSPC, "past the end of the export")
+                (errno::ENOSPC, "past the end of the export")
             } else {
-                refuse(errno::EINVAL, "past the end of the export")
+                (errno::EINVAL, "past the end of the export")
             })
         } else if command == cmd::READ && len > u64::from(MAX_PAYLOAD) {
-            Some(refuse(
-                errno::EINVAL,
-                "read larger than the maximum payload",
-            ))
+            Some((errno::EINVAL, "read larger than the maximum payload"))
         } else if command == cmd::BLOCK_STATUS && !self.session.contexts.any() {
-            Some(refuse(errno::EINVAL, "no metadata context was negotiated"))
+            Some((errno::EINVAL, "no metadata context was negotiated"))
         } else if command == cmd::BLOCK_STATUS && len == 0 {
-            Some(refuse(errno::EINVAL, "block status of zero bytes"))
+            Some((errno::EINVAL, "block status of zero bytes"))
         } else {
             None
         };
