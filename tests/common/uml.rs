@@ -324,6 +324,15 @@ pub fn boot(ubd_args: &[String], timeout: Duration) -> Result<String, String> {
             problem = Some(format!("UML exited with {status} after the guest finished"));
         }
     }
+    if console.contains("ptrace set fp regs failed") {
+        problem = problem.map(|p| {
+            format!(
+                "{p}; this UML kernel cannot run guests on this CPU (its XSAVE area is \
+                 too large for it): `bash .ci/uml-kernel` fetches one that can and prints \
+                 the directory to put first in PATH"
+            )
+        });
+    }
     match problem {
         None => Ok(console),
         Some(reason) => Err(format!(
