@@ -98,7 +98,7 @@ fn copy_runs(
     let bits = Bitmap::new(bitmap, g.mapped_sectors());
     let total = bits.count_present();
     let progress = Progress::new(total * 512, "commit");
-    let mut ring: Ring<AlignedBuf> = Ring::new(64, IN_FLIGHT, vec![cow_file, backing], None)?;
+    let mut ring: Ring<AlignedBuf> = Ring::new(64, IN_FLIGHT, vec![cow_file, backing], 0, None)?;
     for slot in 0..IN_FLIGHT as u32 {
         let buf = AlignedBuf::new(PIECE as usize, 4096).ok_or("out of memory")?;
         let _ = ring.attach(slot, buf);

@@ -19,6 +19,7 @@
 //! sits at byte `offset % 512 + i` of its buffers, so every sector of the
 //! request is sector-aligned in memory.
 
+mod conn;
 mod flush;
 mod locks;
 mod plan;
@@ -26,6 +27,7 @@ mod status;
 mod worker;
 
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -40,6 +42,8 @@ use crate::engine::ring::Waker;
 use crate::engine::sequencer::Sequencer;
 use crate::image::{self, Cache, ImageError};
 
+pub use crate::engine::sendbuf::SendBuf;
+pub use conn::{ConnCx, ConnDone, ConnEnd, Protocol, Step};
 pub use worker::Intake;
 
 /// What a request asks for.
@@ -137,6 +141,8 @@ pub struct DeviceOptions {
     pub queue_depth: u32,
     /// Requests the worker works on at once.
     pub max_requests: usize,
+    /// Client connections the worker serves at once ([`Device::serve`]).
+    pub max_connections: usize,
     /// Retry a lock another process holds for this long.
     pub lock_wait: Duration,
     /// Poison pool chunks when they are freed (tests: use after free shows).
@@ -153,6 +159,7 @@ impl Default for DeviceOptions {
             chunk_size: 128 << 10,
             queue_depth: 256,
             max_requests: 256,
+            max_connections: 256,
             lock_wait: Duration::from_secs(2),
             poison_on_free: false,
         }
@@ -189,7 +196,7 @@ pub struct Device {
     read_only: bool,
     max_io: u64,
     pool: BufPool,
-    seq: Sequencer,
+    seq: Arc<Sequencer>,
     intake: Arc<Intake>,
     waker: Waker,
     closing: Arc<AtomicBool>,
@@ -235,17 +242,25 @@ impl Device {
         let (capacity, read_only) = (img.capacity, img.read_only);
         let intake = Arc::new(Intake::default());
         let closing = Arc::new(AtomicBool::new(false));
+        let seq = Arc::new(Sequencer::new());
         let (tx, rx) = std::sync::mpsc::channel();
         let spawn = {
-            let (pool, intake, closing) = (pool.clone(), intake.clone(), closing.clone());
-            let (depth, max_requests) = (opts.queue_depth, opts.max_requests.max(1));
+            let setup = worker::Setup {
+                pool: pool.clone(),
+                seq: seq.clone(),
+                intake: intake.clone(),
+                closing: closing.clone(),
+                depth: opts.queue_depth,
+                max_requests: opts.max_requests.max(1),
+                max_conns: opts.max_connections,
+                max_io,
+            };
             let path = path.to_path_buf();
             std::thread::Builder::new()
                 .name("ubd-device".into())
                 .spawn(move || {
                     // The ring is made on the thread that uses it.
-                    let worker =
-                        worker::Worker::new(img, pool, intake, closing, depth, max_requests);
+                    let worker = worker::Worker::new(img, setup);
                     match worker {
                         Ok(w) => {
                             let _ = tx.send(Ok(w.waker()));
@@ -275,7 +290,7 @@ impl Device {
             read_only,
             max_io,
             pool,
-            seq: Sequencer::new(),
+            seq,
             intake,
             waker,
             closing,
@@ -304,11 +319,7 @@ impl Device {
     }
 
     fn chunks_for(&self, offset: u64, len: u64) -> Result<usize, Errno> {
-        if len > self.max_io {
-            return Err(Errno::EINVAL);
-        }
-        let bytes = (offset % 512 + len).next_multiple_of(512).max(512);
-        Ok(bytes.div_ceil(self.pool.chunk_size() as u64) as usize)
+        chunks_for(offset, len, self.max_io, self.pool.chunk_size())
     }
 
     /// Buffers for a READ or WRITE of `len` bytes at `offset`; waits in the
@@ -326,27 +337,40 @@ impl Device {
 
     /// Checks a request against the device; the errno NBD wants otherwise.
     fn validate(&self, req: &Request) -> Result<(), Errno> {
-        let writes = matches!(
-            req.command,
-            Command::Write | Command::WriteZeroes | Command::Trim
-        );
-        if writes && self.read_only {
-            return Err(Errno::EPERM);
-        }
-        if req.offset > self.capacity || req.len > self.capacity - req.offset {
-            return Err(if writes { Errno::ENOSPC } else { Errno::EINVAL });
-        }
-        if matches!(req.command, Command::Read | Command::Write) {
-            let need = (req.offset % 512 + req.len).next_multiple_of(512);
-            match &req.data {
-                Some(c) if c.bytes() as u64 >= need && req.len <= self.max_io => {}
-                _ => return Err(Errno::EINVAL),
-            }
-        }
+        check_request(req, self.capacity, self.read_only, self.max_io)?;
         if self.closing.load(Ordering::SeqCst) {
             return Err(Errno::ESHUTDOWN);
         }
         Ok(())
+    }
+
+    /// Serves a client's connection on the device's worker: its requests
+    /// go through the device's ring with the socket I/O (see
+    /// [`Protocol`]). `buffered` holds bytes already read from it. The
+    /// returned handle says when the connection has ended; the device then
+    /// has closed its handle on the socket.
+    pub fn serve(
+        &self,
+        socket: OwnedFd,
+        buffered: Vec<u8>,
+        protocol: Box<dyn Protocol>,
+    ) -> Arc<ConnDone> {
+        let done = Arc::new(ConnDone::default());
+        let nc = conn::NewConn {
+            socket,
+            buffered,
+            protocol,
+            done: done.clone(),
+        };
+        if self.closing.load(Ordering::SeqCst) {
+            done.set(ConnEnd::Broken("the device is closing".into()));
+        } else if let Err(nc) = self.intake.push_conn(nc) {
+            nc.done
+                .set(ConnEnd::Broken("the device's worker is gone".into()));
+        } else {
+            self.waker.wake();
+        }
+        done
     }
 
     /// Hands `req` to the device; `sink` hears its end. Requests enter in
@@ -554,6 +578,49 @@ impl Device {
             _ => Ok(Vec::new()),
         }
     }
+}
+
+/// Pool chunks a READ or WRITE of `len` bytes at `offset` needs (with its
+/// data at byte `offset % 512`), or EINVAL past `max_io`.
+pub(crate) fn chunks_for(
+    offset: u64,
+    len: u64,
+    max_io: u64,
+    chunk_size: usize,
+) -> Result<usize, Errno> {
+    if len > max_io {
+        return Err(Errno::EINVAL);
+    }
+    let bytes = (offset % 512 + len).next_multiple_of(512).max(512);
+    Ok(bytes.div_ceil(chunk_size as u64) as usize)
+}
+
+/// Checks a request against a device of `capacity` bytes; the errno NBD
+/// wants otherwise.
+pub(crate) fn check_request(
+    req: &Request,
+    capacity: u64,
+    read_only: bool,
+    max_io: u64,
+) -> Result<(), Errno> {
+    let writes = matches!(
+        req.command,
+        Command::Write | Command::WriteZeroes | Command::Trim
+    );
+    if writes && read_only {
+        return Err(Errno::EPERM);
+    }
+    if req.offset > capacity || req.len > capacity - req.offset {
+        return Err(if writes { Errno::ENOSPC } else { Errno::EINVAL });
+    }
+    if matches!(req.command, Command::Read | Command::Write) {
+        let need = (req.offset % 512 + req.len).next_multiple_of(512);
+        match &req.data {
+            Some(c) if c.bytes() as u64 >= need && req.len <= max_io => {}
+            _ => return Err(Errno::EINVAL),
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Device {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use nix::errno::Errno;
 use ubd_cow::Bitmap;
 
+use super::conn::{CONN_SLOTS, Conn, MemLine, NewConn};
 use super::flush::{Phase, Round};
 use super::locks::RangeLocks;
 use super::{Command, Reply, Request, Sink};
@@ -32,6 +33,7 @@ use crate::engine::aligned::AlignedBuf;
 use crate::engine::bufpool::BufPool;
 use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{Completion, Op, OpKind, Ring, Waker};
+use crate::engine::sequencer::Sequencer;
 use crate::image::OpenImage;
 
 pub(super) const SECTOR: u64 = 512;
@@ -49,22 +51,53 @@ pub(super) const P_MERGE: u64 = 2;
 pub(super) const P_SYNC_DATA: u64 = 3;
 pub(super) const P_BITMAP: u64 = 4;
 pub(super) const P_SYNC_META: u64 = 5;
+/// Socket ops of a connection (the low half of the tag is the connection).
+pub(super) const P_RECV: u64 = 6;
+pub(super) const P_PAYLOAD: u64 = 7;
+pub(super) const P_SEND: u64 = 8;
 
 pub(super) fn tag(purpose: u64, slot: u32) -> u64 {
     (purpose << 32) | u64::from(slot)
 }
 
-/// Requests handed over by `Device::submit`, in ticket order.
+/// Who hears of a request's end.
+pub(super) enum Origin {
+    /// A caller of `Device::submit`.
+    Sink(Arc<dyn Sink>),
+    /// A connection the worker serves.
+    Conn(u32),
+}
+
+/// Requests handed over by `Device::submit`, in ticket order, and
+/// connections handed over by `Device::serve`.
 #[derive(Default)]
 pub struct Intake {
     queue: Mutex<VecDeque<(Request, Arc<dyn Sink>)>>,
-    /// Requests queued and not yet taken (read without the lock).
+    conns: Mutex<Vec<NewConn>>,
+    /// Requests and connections queued and not yet taken (read without the
+    /// lock).
     queued: AtomicUsize,
     /// Set when the worker is gone: requests end at once with EIO.
     dead: AtomicBool,
 }
 
 impl Intake {
+    /// Queues a connection for the worker; gives it back when the worker is
+    /// gone.
+    pub(super) fn push_conn(&self, nc: NewConn) -> Result<(), NewConn> {
+        let mut q = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(nc);
+        }
+        q.push(nc);
+        self.queued.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    fn take_conns(&self) -> Vec<NewConn> {
+        std::mem::take(&mut *self.conns.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
     pub(super) fn push(&self, req: Request, sink: Arc<dyn Sink>) {
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if self.dead.load(Ordering::SeqCst) {
@@ -76,7 +109,8 @@ impl Intake {
         self.queued.fetch_add(1, Ordering::Release);
     }
 
-    /// Marks the worker gone and ends every queued request with `errno`.
+    /// Marks the worker gone and ends every queued request with `errno`
+    /// (and every queued connection).
     fn shut(&self, errno: Errno) {
         let drained: Vec<_> = {
             let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -86,19 +120,27 @@ impl Intake {
         for (req, sink) in drained {
             sink.complete(req.token, Err(errno));
         }
+        // A push after this sees `dead` (both hold the connections' lock).
+        for nc in self.take_conns() {
+            nc.done.set(super::conn::ConnEnd::Broken(format!(
+                "the device stopped: {}",
+                errno.desc()
+            )));
+        }
     }
 
-    fn take_into(&self, local: &mut VecDeque<(Request, Arc<dyn Sink>)>) {
+    /// Moves queued requests to `local` (in order) and returns queued
+    /// connections.
+    fn take_into(&self, local: &mut VecDeque<(Request, Origin)>) -> Vec<NewConn> {
         if self.queued.load(Ordering::Acquire) == 0 {
-            return;
+            return Vec::new();
         }
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         self.queued.store(0, Ordering::Release);
-        if local.is_empty() {
-            std::mem::swap(&mut *q, local);
-        } else {
-            local.extend(q.drain(..));
+        {
+            let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            local.extend(q.drain(..).map(|(r, s)| (r, Origin::Sink(s))));
         }
+        self.take_conns()
     }
 
     fn is_empty(&self) -> bool {
@@ -127,7 +169,7 @@ pub(super) struct Req {
     pub(super) fua: bool,
     pub(super) no_hole: bool,
     pub(super) token: u64,
-    pub(super) sink: Arc<dyn Sink>,
+    pub(super) origin: Origin,
     pub(super) stage: Stage,
     pub(super) ops: u32,
     pub(super) error: Option<i32>,
@@ -169,8 +211,20 @@ pub struct Worker {
     pub(super) main_len: u64,
     pub(super) cow: Option<Cow>,
     pub(super) capacity: u64,
+    pub(super) read_only: bool,
+    pub(super) max_io: u64,
+    pub(super) pool: BufPool,
+    pub(super) seq: Arc<Sequencer>,
     pub(super) intake: Arc<Intake>,
-    pub(super) local: VecDeque<(Request, Arc<dyn Sink>)>,
+    pub(super) local: VecDeque<(Request, Origin)>,
+    /// Connections served here, by index; their buffer slots start at
+    /// `conn_base`.
+    pub(super) conns: Vec<Option<Conn>>,
+    pub(super) conn_base: u32,
+    /// Connections with something to do.
+    pub(super) ready: Vec<u32>,
+    /// Connections waiting for memory, in order.
+    pub(super) line: MemLine,
     pub(super) closing: Arc<AtomicBool>,
     pub(super) reqs: Vec<Option<Req>>,
     pub(super) free: Vec<u32>,
@@ -185,15 +239,30 @@ pub struct Worker {
     pub(super) max_requests: u32,
 }
 
+/// What the worker is given besides the image.
+pub(super) struct Setup {
+    pub(super) pool: BufPool,
+    pub(super) seq: Arc<Sequencer>,
+    pub(super) intake: Arc<Intake>,
+    pub(super) closing: Arc<AtomicBool>,
+    pub(super) depth: u32,
+    pub(super) max_requests: usize,
+    pub(super) max_conns: usize,
+    pub(super) max_io: u64,
+}
+
 impl Worker {
-    pub fn new(
-        img: OpenImage,
-        pool: BufPool,
-        intake: Arc<Intake>,
-        closing: Arc<AtomicBool>,
-        depth: u32,
-        max_requests: usize,
-    ) -> std::io::Result<Worker> {
+    pub(super) fn new(img: OpenImage, setup: Setup) -> std::io::Result<Worker> {
+        let Setup {
+            pool,
+            seq,
+            intake,
+            closing,
+            depth,
+            max_requests,
+            max_conns,
+            max_io,
+        } = setup;
         let mut files = vec![img.main.file.clone()];
         if let Some(o) = &img.overlay {
             files.push(o.backing.file.clone());
@@ -202,8 +271,17 @@ impl Worker {
         let (arena_ptr, arena_len) = pool.arena();
         let keep: Arc<dyn Send + Sync> = Arc::new(pool.clone());
         let mr = max_requests as u32;
-        let slots = max_requests + SCRATCH as usize + 1;
-        let mut ring = Ring::new(depth, slots, files, Some((arena_ptr, arena_len, keep)))?;
+        let conn_base = mr + SCRATCH + 1;
+        let slots = conn_base as usize + max_conns * CONN_SLOTS as usize;
+        // Each connection has at most three socket ops in flight.
+        let depth = depth + 3 * max_conns as u32;
+        let mut ring = Ring::new(
+            depth,
+            slots,
+            files,
+            max_conns,
+            Some((arena_ptr, arena_len, keep)),
+        )?;
         let no_mem = || std::io::Error::from(std::io::ErrorKind::OutOfMemory);
         for i in 0..SCRATCH {
             let buf = AlignedBuf::new(2 * SECTOR as usize, 4096).ok_or_else(no_mem)?;
@@ -242,8 +320,16 @@ impl Worker {
             main_len: img.main.len,
             cow,
             capacity: img.capacity,
+            read_only: img.read_only,
+            max_io,
+            pool: pool.clone(),
+            seq,
             intake,
             local: VecDeque::with_capacity(max_requests),
+            conns: (0..max_conns).map(|_| None).collect(),
+            conn_base,
+            ready: Vec::with_capacity(max_conns),
+            line: MemLine::default(),
             closing,
             reqs: (0..max_requests).map(|_| None).collect(),
             free: (0..mr).rev().collect(),
@@ -270,14 +356,21 @@ impl Worker {
     }
 
     fn busy(&self) -> bool {
-        self.free.len() < self.max_requests as usize || self.round.phase != Phase::Idle
+        self.free.len() < self.max_requests as usize
+            || self.round.phase != Phase::Idle
+            || self.has_conns()
     }
 
     /// The worker's loop; returns when closed, with the final flush's result.
     pub fn run(mut self) -> Result<(), Errno> {
         let mut done: Vec<Completion> = Vec::with_capacity(self.ring.room() + 1);
         let mut final_round = false;
+        let pool_waker = self.ring.waker();
+        self.pool
+            .set_on_free(Some(Box::new(move || pool_waker.wake())));
         loop {
+            self.take_intake();
+            self.run_conns();
             self.take_intake();
             self.push_backlog();
             let closing = self.closing.load(Ordering::SeqCst);
@@ -292,12 +385,19 @@ impl Worker {
                 continue;
             }
             // Nothing to start: new requests wait for a free slot, if any.
-            let idle =
-                |w: &Worker| w.intake.is_empty() && (w.local.is_empty() || w.free.is_empty());
+            let idle = |w: &Worker| {
+                w.intake.is_empty()
+                    && (w.local.is_empty() || w.free.is_empty())
+                    && w.ready.is_empty()
+            };
             self.flush_sinks();
             self.ring.announce_sleep();
-            let idle = done.is_empty() && idle(&self);
+            let idle = done.is_empty() && idle(&self) && !self.line_may_move();
             // When closing with nothing in hand, loop back to the final round.
+            // `closing` is read again after `announce_sleep`: a `close` that
+            // came since the first read found nobody asleep and wrote no
+            // wake-up, so the worker must see its flag here.
+            let closing = self.closing.load(Ordering::SeqCst);
             let wait = idle && (self.busy() || !closing);
             let woken = self.ring.run(wait, &mut |c| done.push(c));
             if let Err(e) = woken {
@@ -305,12 +405,14 @@ impl Worker {
                 // every request, keep buffers owned (the ring leaks them).
                 let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
                 self.fail_everything(errno);
+                self.pool.set_on_free(None);
                 return Err(errno);
             }
             for c in done.drain(..) {
                 self.on_complete(c);
             }
         }
+        self.pool.set_on_free(None);
         match self.round.error {
             Some(e) => Err(Errno::from_raw(e)),
             None => Ok(()),
@@ -329,25 +431,42 @@ impl Worker {
     fn fail_everything(&mut self, errno: Errno) {
         self.flush_sinks();
         self.intake.shut(errno);
-        for (req, sink) in self.local.drain(..) {
-            sink.complete(req.token, Err(errno));
+        let local: Vec<_> = self.local.drain(..).collect();
+        for (req, origin) in local {
+            self.tell(origin, req.token, Err(errno));
         }
         for slot in 0..self.reqs.len() as u32 {
             if let Some(r) = self.reqs[slot as usize].take() {
-                r.sink.complete(r.token, Err(errno));
+                self.tell(r.origin, r.token, Err(errno));
             }
+        }
+        self.fail_conns(&format!("the device failed: {}", errno.desc()));
+    }
+
+    /// Tells a request's origin of its end.
+    fn tell(&mut self, origin: Origin, token: u64, result: Result<Reply, Errno>) {
+        match origin {
+            Origin::Sink(sink) => {
+                sink.complete_batched(token, result);
+                if !self.batched.last().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
+                    self.batched.push(sink);
+                }
+            }
+            Origin::Conn(c) => self.conn_complete(c, token, result),
         }
     }
 
     fn take_intake(&mut self) {
         if !self.closing.load(Ordering::SeqCst) || !self.intake.is_empty() {
-            self.intake.take_into(&mut self.local);
+            for nc in self.intake.take_into(&mut self.local) {
+                self.adopt(nc);
+            }
         }
         while !self.free.is_empty() {
-            let Some((req, sink)) = self.local.pop_front() else {
+            let Some((req, origin)) = self.local.pop_front() else {
                 break;
             };
-            self.start(req, sink);
+            self.start(req, origin);
         }
     }
 
@@ -370,8 +489,9 @@ impl Worker {
         }
     }
 
-    fn start(&mut self, req: Request, sink: Arc<dyn Sink>) {
+    pub(super) fn start(&mut self, req: Request, origin: Origin) {
         let Some(slot) = self.free.pop() else {
+            self.local.push_front((req, origin));
             return;
         };
         let r = Req {
@@ -381,7 +501,7 @@ impl Worker {
             fua: req.flags.fua,
             no_hole: req.flags.no_hole,
             token: req.token,
-            sink,
+            origin,
             stage: Stage::Data,
             ops: 0,
             error: None,
@@ -391,8 +511,8 @@ impl Worker {
         if let Some(data) = req.data
             && self.ring.attach(slot, DevBuf::Pool(data)).is_err()
         {
-            r.sink.complete(r.token, Err(Errno::EIO));
             self.free.push(slot);
+            self.tell(r.origin, r.token, Err(Errno::EIO));
             return;
         }
         let command = r.command;
@@ -453,6 +573,7 @@ impl Worker {
         let slot = (c.tag & 0xFFFF_FFFF) as u32;
         match purpose {
             P_SYNC_DATA | P_BITMAP | P_SYNC_META => self.on_round(purpose, c.result),
+            P_RECV | P_PAYLOAD | P_SEND => self.on_conn_op(purpose, slot, &c),
             _ => {
                 let ok = self.check(&c);
                 let Some(r) = self.req(slot) else { return };
@@ -589,10 +710,7 @@ impl Worker {
             return;
         };
         self.free.push(slot);
-        r.sink.complete_batched(r.token, result);
-        if !self.batched.last().is_some_and(|s| Arc::ptr_eq(s, &r.sink)) {
-            self.batched.push(r.sink);
-        }
+        self.tell(r.origin, r.token, result);
     }
 }
 

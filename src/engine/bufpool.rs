@@ -128,6 +128,10 @@ struct Inner {
     fail_ordinary: AtomicBool,
     state: Mutex<State>,
     wake: [Condvar; WAKE_SLOTS],
+    /// Called after chunks are freed while `want_free` is set (then cleared):
+    /// an event loop that cannot sleep in the line sleeps elsewhere.
+    on_free: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    want_free: AtomicBool,
 }
 
 impl Inner {
@@ -251,6 +255,8 @@ impl BufPool {
                 fail_ordinary: AtomicBool::new(false),
                 state: Mutex::new(state),
                 wake: std::array::from_fn(|_| Condvar::new()),
+                on_free: Mutex::new(None),
+                want_free: AtomicBool::new(false),
             }),
         })
     }
@@ -348,6 +354,39 @@ impl BufPool {
             inner.wake_head(next);
         }
         Ok(chunks)
+    }
+
+    /// The head of the line's allocation, without waiting, for an event
+    /// loop that keeps its own FIFO line of requests waiting for memory and
+    /// calls this only for the first of them: like `alloc`'s head, it may use
+    /// the reserve. Fails while a thread waits in the pool's own line (that
+    /// thread is ahead) or while fewer than `n` chunks are free; then
+    /// [`BufPool::notify_free`] says when to try again.
+    pub fn try_alloc_head(&self, n: usize) -> Option<Chunks> {
+        if n == 0 || n > self.inner.reserve {
+            return None;
+        }
+        let mut st = self.inner.state();
+        if st.waiting() > 0 || st.free.len() < n {
+            return None;
+        }
+        st.reserve_allocs += 1;
+        Some(self.take(&mut st, n))
+    }
+
+    /// Sets what to call when chunks are freed after a [`BufPool::notify_free`].
+    pub fn set_on_free(&self, f: Option<Box<dyn Fn() + Send + Sync>>) {
+        *self
+            .inner
+            .on_free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = f;
+    }
+
+    /// Asks for one call of the `on_free` function at the next free. The
+    /// caller checks for memory again after asking, so no free is missed.
+    pub fn notify_free(&self) {
+        self.inner.want_free.store(true, Ordering::SeqCst);
     }
 
     fn try_ordinary(&self, st: &mut State, n: usize) -> Option<Chunks> {
@@ -516,12 +555,22 @@ impl Drop for Chunks {
         if let Some(head) = head {
             inner.wake_head(head);
         }
+        if inner.want_free.swap(false, Ordering::SeqCst)
+            && let Some(f) = inner
+                .on_free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+        {
+            f();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
     use std::collections::HashSet;
     use std::sync::mpsc;
     use std::thread;
@@ -653,6 +702,34 @@ mod tests {
         assert_eq!(later.join().unwrap().unwrap(), 1);
         assert_eq!(p.stats().waiting, 0);
         assert!(p.try_alloc(1).is_some());
+    }
+
+    #[test]
+    fn the_head_without_waiting_may_use_the_reserve_and_hears_of_frees() {
+        let p = pool(8, 4);
+        let a = p.try_alloc(4).unwrap();
+        // 4 free, all of them the reserve: the ordinary path refuses.
+        assert!(p.try_alloc(1).is_none());
+        let b = p.try_alloc_head(3).unwrap();
+        assert!(p.try_alloc_head(2).is_none(), "only one chunk is free");
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        p.set_on_free(Some(Box::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        })));
+        drop(b);
+        assert_eq!(woken.load(Ordering::SeqCst), 0, "nobody asked");
+        p.notify_free();
+        drop(a);
+        assert_eq!(woken.load(Ordering::SeqCst), 1);
+        // A thread waiting in the pool's own line comes first.
+        p.inner.state().next_ticket += 1;
+        assert!(p.try_alloc_head(1).is_none(), "overtook a waiter");
+        p.inner.state().serving += 1;
+        assert!(p.try_alloc_head(1).is_some());
+        let s = p.stats();
+        assert_eq!(s.reserve_allocs, 2);
+        p.set_on_free(None);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The buffer sets the device attaches to its ring: a request's pool chunks,
-//! or one of the device's own aligned buffers.
+//! one of the device's own aligned buffers, or replies on their way out of a
+//! socket.
 
 use super::aligned::AlignedBuf;
 use super::bufpool::Chunks;
 use super::ring::BufSet;
+use super::sendbuf::SendBuf;
 
 // SAFETY: each chunk is `chunk_size` bytes of the pool's arena, which stays
 // mapped while the `Chunks` (holding the pool's Arc) lives; chunks are distinct
@@ -27,6 +29,7 @@ unsafe impl BufSet for Chunks {
 pub enum DevBuf {
     Pool(Chunks),
     Own(AlignedBuf),
+    Send(SendBuf),
 }
 
 impl DevBuf {
@@ -34,21 +37,21 @@ impl DevBuf {
     pub fn own(&self) -> Option<&AlignedBuf> {
         match self {
             DevBuf::Own(b) => Some(b),
-            DevBuf::Pool(_) => None,
+            _ => None,
         }
     }
 
     pub fn own_mut(&mut self) -> Option<&mut AlignedBuf> {
         match self {
             DevBuf::Own(b) => Some(b),
-            DevBuf::Pool(_) => None,
+            _ => None,
         }
     }
 
     pub fn chunks_mut(&mut self) -> Option<&mut Chunks> {
         match self {
             DevBuf::Pool(c) => Some(c),
-            DevBuf::Own(_) => None,
+            _ => None,
         }
     }
 
@@ -72,6 +75,7 @@ impl DevBuf {
                     at += n;
                 }
             }
+            DevBuf::Send(_) => {}
         }
     }
 }
@@ -83,12 +87,14 @@ unsafe impl BufSet for DevBuf {
         match self {
             DevBuf::Pool(c) => c.segments(),
             DevBuf::Own(b) => b.segments(),
+            DevBuf::Send(s) => s.segments(),
         }
     }
     fn segment(&self, i: usize) -> (*mut u8, usize) {
         match self {
             DevBuf::Pool(c) => c.segment(i),
             DevBuf::Own(b) => b.segment(i),
+            DevBuf::Send(s) => s.segment(i),
         }
     }
 }

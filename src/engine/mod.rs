@@ -9,4 +9,5 @@ pub mod bufset;
 pub mod dio;
 pub mod inherit;
 pub mod ring;
+pub mod sendbuf;
 pub mod sequencer;

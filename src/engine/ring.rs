@@ -69,6 +69,34 @@ pub enum OpKind {
     Fadvise { advice: i32 },
     /// Does nothing; completes at once.
     Nop,
+    /// Socket: receive up to `len` bytes into the buffer; completes with
+    /// whatever arrived (0: the peer closed its side).
+    Recv,
+    /// Socket: receive exactly `len` bytes, resubmitting after short
+    /// receives; completes short only when the peer closed its side.
+    RecvAll,
+    /// Socket: send all `len` bytes, resubmitting after short sends.
+    Send,
+}
+
+impl OpKind {
+    /// Ops that move bytes through a buffer.
+    fn transfers(self) -> bool {
+        matches!(
+            self,
+            OpKind::Read | OpKind::Write | OpKind::Recv | OpKind::RecvAll | OpKind::Send
+        )
+    }
+
+    /// Socket ops: no file offset (sockets refuse one).
+    fn is_stream(self) -> bool {
+        matches!(self, OpKind::Recv | OpKind::RecvAll | OpKind::Send)
+    }
+
+    /// Ops that fill the buffer (the others read from it).
+    fn fills(self) -> bool {
+        matches!(self, OpKind::Read | OpKind::Recv | OpKind::RecvAll)
+    }
 }
 
 /// One op to hand to the kernel.
@@ -143,7 +171,13 @@ pub struct Ring<B: BufSet> {
     generations: Vec<u32>,
     free: Vec<u32>,
     in_flight: usize,
-    files: Vec<Arc<File>>,
+    /// The files ops name by index; a free index is `None`.
+    files: Vec<Option<Arc<File>>>,
+    /// Whether each file is in the ring's registered (fixed) file table.
+    registered: Vec<bool>,
+    /// Ops in flight on each file.
+    file_busy: Vec<u32>,
+    /// The registered file table has `files.len()` entries (sparse).
     fixed_files: bool,
     /// The registered arena, as (start, len), if registration worked.
     arena: Option<(usize, usize)>,
@@ -160,8 +194,9 @@ pub struct Ring<B: BufSet> {
 }
 
 impl<B: BufSet> Ring<B> {
-    /// A ring for up to `depth` ops in flight over `files`, with `buf_slots`
-    /// buffer slots. `arena` is memory
+    /// A ring for up to `depth` ops in flight over `files` (and up to
+    /// `spare_files` more added later with [`Ring::add_file`]), with
+    /// `buf_slots` buffer slots. `arena` is memory
     /// that buffers usually live in (the pool), registered as fixed buffer 0;
     /// `keep_arena` keeps it mapped for as long as the ring lives. Registration
     /// that fails (RLIMIT_MEMLOCK, old kernel) falls back to plain ops.
@@ -169,6 +204,7 @@ impl<B: BufSet> Ring<B> {
         depth: u32,
         buf_slots: usize,
         files: Vec<Arc<File>>,
+        spare_files: usize,
         arena: Option<(*mut u8, usize, Arc<dyn Send + Sync>)>,
     ) -> io::Result<Ring<B>> {
         let depth = depth.clamp(2, 4096);
@@ -189,7 +225,27 @@ impl<B: BufSet> Ring<B> {
         // overflow (invariant 6).
         let capacity = sq.min(cq) - 1;
         let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
-        let fixed_files = !fds.is_empty() && ring.submitter().register_files(&fds).is_ok();
+        let table = files.len() + spare_files;
+        // A sparse table (5.19+) takes files added later; otherwise only the
+        // first files are registered and later ones are used by descriptor.
+        let fixed_files = table > 0
+            && u32::try_from(table).is_ok_and(|n| {
+                ring.submitter().register_files_sparse(n).is_ok()
+                    && ring.submitter().register_files_update(0, &fds).is_ok()
+            });
+        let registered = if fixed_files {
+            vec![true; fds.len()]
+        } else {
+            let ok = !fds.is_empty() && ring.submitter().register_files(&fds).is_ok();
+            vec![ok; fds.len()]
+        };
+        let mut files: Vec<Option<Arc<File>>> = files.into_iter().map(Some).collect();
+        let mut registered = registered;
+        if fixed_files {
+            // The table's free entries, for `add_file`.
+            files.resize_with(table, || None);
+            registered.resize(table, false);
+        }
         let mut arena_owner = None;
         let arena = arena.and_then(|(ptr, len, keep)| {
             let iov = libc::iovec {
@@ -228,7 +284,9 @@ impl<B: BufSet> Ring<B> {
             generations,
             free: (0..capacity as u32).rev().collect(),
             in_flight: 0,
+            file_busy: vec![0; files.len()],
             files,
+            registered,
             fixed_files,
             arena,
             vectored_fixed,
@@ -292,6 +350,52 @@ impl<B: BufSet> Ring<B> {
             .flatten()
     }
 
+    /// Adds `file` (a socket, say) to the file table; returns its index, or
+    /// gives the file back when the table is full.
+    pub fn add_file(&mut self, file: Arc<File>) -> Result<usize, Arc<File>> {
+        let index = match self.files.iter().position(Option::is_none) {
+            Some(i) => i,
+            None if !self.fixed_files => {
+                self.files.push(None);
+                self.registered.push(false);
+                self.file_busy.push(0);
+                self.files.len() - 1
+            }
+            None => return Err(file),
+        };
+        let fd = file.as_raw_fd();
+        self.registered[index] = self.fixed_files
+            && u32::try_from(index).is_ok_and(|at| {
+                self.ring
+                    .submitter()
+                    .register_files_update(at, &[fd])
+                    .is_ok()
+            });
+        self.files[index] = Some(file);
+        self.file_busy[index] = 0;
+        Ok(index)
+    }
+
+    /// Takes file `index` out of the table; `None` while ops on it are in
+    /// flight (or if there is no such file).
+    pub fn remove_file(&mut self, index: usize) -> Option<Arc<File>> {
+        if *self.file_busy.get(index)? > 0 {
+            return None;
+        }
+        let file = self.files[index].take()?;
+        if std::mem::replace(&mut self.registered[index], false)
+            && let Ok(at) = u32::try_from(index)
+        {
+            let _ = self.ring.submitter().register_files_update(at, &[-1]);
+        }
+        Some(file)
+    }
+
+    /// Ops in flight on file `index`.
+    pub fn file_ops(&self, index: usize) -> u32 {
+        self.file_busy.get(index).copied().unwrap_or(0)
+    }
+
     /// Queues `op`. Gives it back when the op table is full: reap, then retry.
     /// An op whose buffer or file is wrong completes with an error (EINVAL,
     /// EFAULT, EBADF).
@@ -302,6 +406,9 @@ impl<B: BufSet> Ring<B> {
         if let Some(r) = op.buf
             && let Some(busy) = self.busy.get_mut(r.slot as usize)
         {
+            *busy += 1;
+        }
+        if let Some(busy) = self.file_busy.get_mut(op.file) {
             *busy += 1;
         }
         self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
@@ -357,10 +464,25 @@ impl<B: BufSet> Ring<B> {
     fn build(&mut self, index: u32) -> Result<squeue::Entry, i32> {
         let slot = self.slots[index as usize].as_ref().ok_or(libc::EINVAL)?;
         let op = &slot.op;
-        let file = self.files.get(op.file).ok_or(libc::EBADF)?;
-        let offset = op.offset + slot.done;
+        let file = self
+            .files
+            .get(op.file)
+            .and_then(Option::as_ref)
+            .ok_or(libc::EBADF)?;
+        // Sockets take no offset: a resubmission goes on from where the
+        // stream is.
+        let offset = if op.kind.is_stream() {
+            0
+        } else {
+            op.offset + slot.done
+        };
+        let fd = if self.registered.get(op.file) == Some(&true) {
+            None
+        } else {
+            Some(file.as_raw_fd())
+        };
         let entry = match op.kind {
-            OpKind::Read | OpKind::Write => {
+            kind if kind.transfers() => {
                 let r = op.buf.ok_or(libc::EFAULT)?;
                 let set = self
                     .bufs
@@ -405,36 +527,34 @@ impl<B: BufSet> Ring<B> {
                     })
                 };
                 let fixed = iov[..n].iter().all(in_arena) && (!vectored || self.vectored_fixed);
+                let fills = op.kind.fills();
                 macro_rules! rw {
                     ($fd:expr) => {
-                        match (op.kind, fixed) {
-                            (OpKind::Read, _) if vectored => {
-                                opcode::Readv::new($fd, iov_ptr, n as u32)
-                                    .offset(offset)
-                                    .build()
-                            }
-                            (_, _) if vectored => opcode::Writev::new($fd, iov_ptr, n as u32)
+                        match (fills, fixed) {
+                            (true, _) if vectored => opcode::Readv::new($fd, iov_ptr, n as u32)
                                 .offset(offset)
                                 .build(),
-                            (OpKind::Read, true) => opcode::ReadFixed::new($fd, ptr, remaining, 0)
+                            (false, _) if vectored => opcode::Writev::new($fd, iov_ptr, n as u32)
                                 .offset(offset)
                                 .build(),
-                            (OpKind::Read, false) => opcode::Read::new($fd, ptr, remaining)
+                            (true, true) => opcode::ReadFixed::new($fd, ptr, remaining, 0)
                                 .offset(offset)
                                 .build(),
-                            (_, true) => opcode::WriteFixed::new($fd, ptr, remaining, 0)
+                            (true, false) => opcode::Read::new($fd, ptr, remaining)
                                 .offset(offset)
                                 .build(),
-                            (_, false) => opcode::Write::new($fd, ptr, remaining)
+                            (false, true) => opcode::WriteFixed::new($fd, ptr, remaining, 0)
+                                .offset(offset)
+                                .build(),
+                            (false, false) => opcode::Write::new($fd, ptr, remaining)
                                 .offset(offset)
                                 .build(),
                         }
                     };
                 }
-                if self.fixed_files {
-                    rw!(types::Fixed(op.file as u32))
-                } else {
-                    rw!(types::Fd(file.as_raw_fd()))
+                match fd {
+                    None => rw!(types::Fixed(op.file as u32)),
+                    Some(fd) => rw!(types::Fd(fd)),
                 }
             }
             kind => {
@@ -459,10 +579,9 @@ impl<B: BufSet> Ring<B> {
                         }
                     };
                 }
-                if self.fixed_files {
-                    other!(types::Fixed(op.file as u32))
-                } else {
-                    other!(types::Fd(file.as_raw_fd()))
+                match fd {
+                    None => other!(types::Fixed(op.file as u32)),
+                    Some(fd) => other!(types::Fd(fd)),
                 }
             }
         };
@@ -559,7 +678,7 @@ impl<B: BufSet> Ring<B> {
             return 0;
         };
         let res = cqe.result();
-        let transfer = matches!(slot.op.kind, OpKind::Read | OpKind::Write);
+        let transfer = slot.op.kind.transfers();
         let outcome = if let Some(errno) = slot.error {
             Err(errno)
         } else if res == -libc::EAGAIN || res == -libc::EINTR {
@@ -575,9 +694,11 @@ impl<B: BufSet> Ring<B> {
             slot.done += res as u64;
             let short = slot.done < slot.op.len;
             match (slot.op.kind, res) {
-                // End of file: a read stops short.
-                (OpKind::Read, 0) => Ok(slot.done),
-                (OpKind::Write, 0) if short => Err(libc::EIO),
+                // End of file (or of the peer's stream): a read stops short.
+                (OpKind::Read | OpKind::RecvAll, 0) => Ok(slot.done),
+                // A receive takes whatever arrived.
+                (OpKind::Recv, _) => Ok(slot.done),
+                (OpKind::Write | OpKind::Send, 0) if short => Err(libc::EIO),
                 _ if short => {
                     self.queue_slot(index);
                     return 0;
@@ -598,6 +719,9 @@ impl<B: BufSet> Ring<B> {
         if let Some(r) = slot.op.buf
             && let Some(busy) = self.busy.get_mut(r.slot as usize)
         {
+            *busy -= 1;
+        }
+        if let Some(busy) = self.file_busy.get_mut(slot.op.file) {
             *busy -= 1;
         }
         done(Completion {
@@ -630,7 +754,7 @@ impl<B: BufSet> Drop for Ring<B> {
         // files (and their OFD locks) open for a while after we are gone,
         // and the next opener (ubd, qemu-img, UML) would find them locked.
         let submitter = self.ring.submitter();
-        if self.fixed_files {
+        if self.registered.iter().any(|&r| r) || self.fixed_files {
             let _ = submitter.unregister_files();
         }
         if self.arena.is_some() {
@@ -655,7 +779,7 @@ mod tests {
                 .open(f.path())
                 .unwrap(),
         );
-        let ring = Ring::new(8, 4, vec![file], None).unwrap();
+        let ring = Ring::new(8, 4, vec![file], 0, None).unwrap();
         (f, ring)
     }
 
@@ -726,7 +850,7 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(&data).unwrap();
         let file = Arc::new(std::fs::File::open(f.path()).unwrap());
-        let mut ring: Ring<Pair> = Ring::new(8, 1, vec![file], None).unwrap();
+        let mut ring: Ring<Pair> = Ring::new(8, 1, vec![file], 0, None).unwrap();
         let pair = Pair([
             AlignedBuf::new(4096, 4096).unwrap(),
             AlignedBuf::new(4096, 4096).unwrap(),
@@ -800,6 +924,80 @@ mod tests {
         assert_eq!(ring.in_flight(), 0);
         ring.push(refused).unwrap();
         assert_eq!(collect(&mut ring).len(), 1);
+    }
+
+    #[test]
+    fn socket_ops_receive_some_receive_all_and_send_all() {
+        use std::io::Read;
+        use std::os::unix::net::UnixStream;
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut ring: Ring<AlignedBuf> = Ring::new(8, 3, Vec::new(), 2, None).unwrap();
+        let sock = ring
+            .add_file(Arc::new(std::fs::File::from(std::os::fd::OwnedFd::from(
+                ours,
+            ))))
+            .unwrap();
+        let stream_op = |kind, slot, len, tag| Op {
+            kind,
+            file: sock,
+            offset: 0,
+            len,
+            buf: Some(BufRef {
+                slot,
+                segment: 0,
+                offset: 0,
+            }),
+            tag,
+        };
+        // A receive completes with what has arrived.
+        theirs.write_all(b"hello").unwrap();
+        ring.attach(0, AlignedBuf::new(4096, 4096).unwrap())
+            .unwrap();
+        ring.push(stream_op(OpKind::Recv, 0, 4096, 1)).unwrap();
+        let done = collect(&mut ring);
+        assert_eq!(done[0].result, Ok(5));
+        assert_eq!(&ring.buf(0).unwrap().as_slice()[..5], b"hello");
+        // A receive-all waits for every byte, across several sends.
+        ring.attach(1, AlignedBuf::new(8192, 4096).unwrap())
+            .unwrap();
+        ring.push(stream_op(OpKind::RecvAll, 1, 6000, 2)).unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..6 {
+                theirs.write_all(&[7u8; 1000]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            theirs
+        });
+        let done = collect(&mut ring);
+        let mut theirs = writer.join().unwrap();
+        assert_eq!(done[0].result, Ok(6000));
+        assert!(ring.buf(1).unwrap().as_slice()[..6000].iter().all(|&b| b == 7));
+        // A send puts out every byte; the file stays while ops use it.
+        let mut out = AlignedBuf::new(1 << 20, 4096).unwrap();
+        out.as_mut_slice().fill(9);
+        ring.attach(2, out).unwrap();
+        ring.push(stream_op(OpKind::Send, 2, 1 << 20, 3)).unwrap();
+        assert_eq!(ring.file_ops(sock), 1);
+        assert!(ring.remove_file(sock).is_none());
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 1 << 20];
+            theirs.read_exact(&mut got).unwrap();
+            assert!(got.iter().all(|&b| b == 9));
+            theirs
+        });
+        let done = collect(&mut ring);
+        assert_eq!(done[0].result, Ok(1 << 20));
+        let theirs = reader.join().unwrap();
+        // The peer's close ends a receive-all short, and a receive with 0.
+        drop(theirs);
+        ring.push(stream_op(OpKind::RecvAll, 1, 100, 4)).unwrap();
+        ring.push(stream_op(OpKind::Recv, 0, 100, 5)).unwrap();
+        let mut done = collect(&mut ring);
+        done.sort_by_key(|c| c.tag);
+        assert_eq!((done[0].result, done[1].result), (Ok(0), Ok(0)));
+        assert!(ring.remove_file(sock).is_some());
+        let again = ring.add_file(Arc::new(tempfile::tempfile().unwrap()));
+        assert_eq!(again.ok(), Some(sock), "a freed index is reused");
     }
 
     #[test]

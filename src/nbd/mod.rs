@@ -11,10 +11,12 @@
 //! - [`export`]: what is offered: named exports (each a device), their flags,
 //!   block sizes and metadata contexts.
 //! - [`handshake`]: the fixed-newstyle option haggling.
-//! - [`transmission`] and [`replies`]: one connection's requests, read on its
-//!   thread and handed to the device, and its replies, written by a second
-//!   thread as requests complete.
-//! - [`server`]: listeners, connection threads and shutdown.
+//! - [`transmission`] and [`replies`]: one connection's requests and their
+//!   replies, run on the device's worker thread as a `device::Protocol`: the
+//!   worker moves the socket's bytes through its io_uring ring with the disk
+//!   I/O, and this module says what they mean.
+//! - [`server`]: listeners, a thread per connection for the handshake (which
+//!   then waits for the connection's end), and shutdown.
 //!
 //! Nothing below this module knows NBD exists (see `docs/design.md`).
 

@@ -1,6 +1,8 @@
 //! Listeners and connections: accept clients on Unix and TCP sockets (or on
-//! sockets systemd passed in), run each connection's handshake and
-//! transmission on its own thread, and shut down cleanly when asked.
+//! sockets systemd passed in), run each connection's handshake on its own
+//! thread, hand the connection to its export's device for the transmission
+//! phase (the thread then waits for its end), and shut down cleanly when
+//! asked.
 //!
 //! Shutdown (invariant 3): stop accepting, remove the socket files we made,
 //! close the read side of every connection so no new request starts, let
@@ -389,7 +391,8 @@ fn connection(id: u64, stream: Stream, exports: &Exports) {
         style = ?session.style,
         "connection open"
     );
-    match transmission::serve(input, &session) {
+    let (socket, buffered) = input.into_parts();
+    match transmission::serve(socket, buffered, &session) {
         End::Disconnect | End::Closed => tracing::info!(id, %peer, "connection closed"),
         End::Broken(why) => tracing::warn!(id, %peer, "connection closed: {why}"),
     }

@@ -8,7 +8,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -152,6 +152,16 @@ impl Input {
     /// The connection (to write the handshake's replies, or to clone).
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.stream
+    }
+
+    /// The socket, and the bytes read from it and not yet consumed.
+    pub fn into_parts(self) -> (OwnedFd, Vec<u8>) {
+        let rest = self.buf[self.start..self.end].to_vec();
+        let fd = match self.stream {
+            Stream::Unix(s) => OwnedFd::from(s),
+            Stream::Tcp(s) => OwnedFd::from(s),
+        };
+        (fd, rest)
     }
 
     fn recv(stream: &mut Stream, dst: &mut [u8]) -> io::Result<usize> {

@@ -1,28 +1,34 @@
 //! The transmission phase of one connection: read requests off the wire,
-//! check them as `docs/nbd.md` says, and hand them to the device; the
-//! replies go out from the writer thread ([`super::replies`]) as they
-//! complete, so a slow request never holds up a fast one.
+//! check them as `docs/nbd.md` says, and hand them to the device; replies
+//! go out as requests complete ([`super::replies`]), so a slow request never
+//! holds up a fast one.
 //!
-//! A WRITE's payload is read straight into pool buffers, and a READ's buffers
-//! are taken from the pool before it is submitted: the pool's line (invariant
-//! 4) is the connection's back pressure. A request larger than the device
-//! takes at once is cut into pieces, each its own device request. Before the
-//! connection goes, every request it started is answered or dropped after its
-//! device completion (invariant 3).
+//! The connection runs on the device's worker thread, as a
+//! [`Protocol`]: the worker receives the socket's bytes and sends the
+//! replies through the same io_uring ring as the disk I/O. A WRITE's payload
+//! lands in pool buffers (straight from the socket, beyond what arrived with
+//! its header), and a READ's data goes out of the pool buffers the device
+//! read into. A request larger than the device takes at once is cut into
+//! pieces, each its own device request. Back pressure: a connection that
+//! owes too many replies, or too much READ data, is not read until replies
+//! go out; one that cannot get memory waits in the worker's FIFO line
+//! (invariant 4).
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use crate::device::{Command, Flags, Request};
+use crate::device::{
+    Command, ConnCx, ConnEnd, Device, Flags, Protocol, Reply, Request, SendBuf, Step,
+};
 
 use super::codec::{self, cmd, cmd_flag, errno};
-use super::export::MAX_PAYLOAD;
+use super::export::{Contexts, MAX_PAYLOAD};
 use super::handshake::{Session, Style};
-use super::replies::{Out, Pending, Shared, Writer, piece_bounds, token};
-use super::stream::{Input, ReadError};
+use super::replies::{Pending, Replies, piece_bounds, token};
 
-/// Replies one connection may owe at once; the reader waits beyond this.
+/// Replies one connection may owe at once; its input waits beyond this.
 const MAX_IN_FLIGHT: usize = 512;
 
 /// Why a connection ended.
@@ -50,140 +56,96 @@ fn allowed_flags(command: u16, style: Style, read_only: bool) -> u16 {
     }
 }
 
-struct Conn<'a> {
-    session: &'a Session,
-    shared: Arc<Shared>,
-    /// The next request id (for reply tokens).
-    next_id: u64,
+/// Serves requests on `socket` (with `buffered` bytes already read from
+/// it) until the client leaves or the connection breaks; returns once every
+/// started request has been answered and the device let the socket go.
+pub fn serve(socket: OwnedFd, buffered: Vec<u8>, session: &Session) -> End {
+    let device = session.export.device.clone();
+    let conn = NbdConn::new(&device, session.style, session.contexts);
+    let done = device.serve(socket, buffered, Box::new(conn));
+    match done.wait() {
+        ConnEnd::Done => End::Disconnect,
+        ConnEnd::Closed => End::Closed,
+        ConnEnd::Broken(why) => End::Broken(why),
+    }
+}
+
+/// A request being handed to the device piece by piece.
+struct Current {
+    id: u64,
+    command: Command,
+    offset: u64,
+    len: u64,
+    flags: Flags,
+    pieces: u32,
+    next: u32,
+    piece_size: u64,
+}
+
+/// One connection's transmission phase, driven by the device's worker.
+struct NbdConn {
+    style: Style,
+    contexts: Contexts,
+    capacity: u64,
+    read_only: bool,
     /// Bytes per device request.
     piece_size: u64,
     /// READ bytes this connection may hold in pool buffers at once.
     read_budget: u64,
+    next_id: u64,
+    current: Option<Current>,
+    replies: Replies,
+    /// Replies owed, and the READ bytes among them.
+    owed: usize,
+    read_owed: u64,
 }
 
-/// Serves requests on `input` until the client leaves or the connection
-/// breaks; returns once every started request has been answered.
-pub fn serve(mut input: Input, session: &Session) -> End {
-    let shared = Arc::new(Shared::default());
-    let writer = match input.stream().try_clone() {
-        Ok(stream) => Writer::new(stream, session.style),
-        Err(e) => return End::Broken(format!("cannot clone the socket: {e}")),
-    };
-    let spawned = {
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name("ubd-nbd-reply".into())
-            .spawn(move || writer.run(&shared))
-    };
-    let writer = match spawned {
-        Ok(handle) => handle,
-        Err(e) => return End::Broken(format!("cannot start the reply writer: {e}")),
-    };
-    let device = &session.export.device;
-    // The device takes at most `max_io` bytes, with sector slack on each side.
-    let max_io = device.max_io();
-    let piece_size = if max_io > 8192 {
-        (max_io + 1024 - 4096) / 4096 * 4096
-    } else {
-        (max_io / 2).max(512) / 512 * 512
-    };
-    // A client that does not read its replies keeps its READ buffers; half
-    // the pool at most, so the other connections always have the rest.
-    let pool = device.pool();
-    let read_budget = (pool.chunk_size() * pool.chunks() / 2) as u64;
-    let mut conn = Conn {
-        session,
-        shared: shared.clone(),
-        next_id: 0,
-        piece_size,
-        read_budget,
-    };
-    let end = conn.read_requests(&mut input);
-    device.kick();
-    shared.drain_and_close();
-    let _ = writer.join();
-    end
-}
+impl NbdConn {
+    fn new(device: &Arc<Device>, style: Style, contexts: Contexts) -> NbdConn {
+        // The device takes at most `max_io` bytes, with sector slack on each side.
+        let max_io = device.max_io();
+        let piece_size = if max_io > 8192 {
+            (max_io + 1024 - 4096) / 4096 * 4096
+        } else {
+            (max_io / 2).max(512) / 512 * 512
+        };
+        // A client that does not read its replies keeps its READ buffers; half
+        // the pool at most, so the other connections always have the rest.
+        let pool = device.pool();
+        NbdConn {
+            style,
+            contexts,
+            capacity: device.capacity(),
+            read_only: device.read_only(),
+            piece_size,
+            read_budget: (pool.chunk_size() * pool.chunks() / 2) as u64,
+            next_id: 0,
+            current: None,
+            replies: Replies::new(style),
+            owed: 0,
+            read_owed: 0,
+        }
+    }
 
-impl Conn<'_> {
-    fn read_requests(&mut self, input: &mut Input) -> End {
-        let extended = self.session.style == Style::Extended;
-        let hlen = if extended {
+    fn header_len(&self) -> usize {
+        if self.style == Style::Extended {
             codec::EXTENDED_REQUEST_LEN
         } else {
             codec::REQUEST_LEN
-        };
-        let mut head = [0u8; codec::EXTENDED_REQUEST_LEN];
-        let device = &self.session.export.device;
-        loop {
-            // Requests already in hand go to the worker with one wake-up,
-            // before the reader may block on the socket.
-            if input.buffered() < hlen {
-                device.kick();
-            }
-            match input.read_exact(&mut head[..hlen]) {
-                Ok(()) => {}
-                Err(ReadError::Closed) => return End::Closed,
-                Err(e) => return End::Broken(format!("reading a request header: {e}")),
-            }
-            let decoded = if extended {
-                codec::Request::decode_extended(&head)
-            } else {
-                codec::Request::decode(&head)
-            };
-            let req = match decoded {
-                Ok(req) => req,
-                Err(e) => return End::Broken(e.to_string()),
-            };
-            if let Some(end) = self.request(input, req) {
-                return end;
-            }
         }
     }
 
-    fn now(&self, cookie: u64, command: u16, error: u32, message: &'static str) {
-        let out = Out::Now {
-            cookie,
-            command,
-            error,
-            message,
-        };
-        let device = &self.session.export.device;
-        self.shared
-            .announce(out, MAX_IN_FLIGHT, 0, 0, || device.kick());
-    }
-
-    /// Handles one request; `Some` when the connection must end.
-    fn request(&mut self, input: &mut Input, req: codec::Request) -> Option<End> {
-        let export = &self.session.export;
-        let device = &export.device;
-        let size = device.capacity();
-        let (cookie, command, offset, len) = (req.cookie, req.command, req.offset, req.length);
-        let read_only = device.read_only();
-        // Bytes of payload that follow the header.
-        let payload = match command {
-            cmd::WRITE => len,
-            _ if req.flags & cmd_flag::PAYLOAD_LEN != 0
-                && self.session.style == Style::Extended =>
-            {
-                len
-            }
-            _ => 0,
-        };
-        if payload > u64::from(MAX_PAYLOAD) {
-            self.now(cookie, command, errno::EINVAL, "payload too large");
-            return Some(End::Broken(format!(
-                "request {cookie:#x} carries {payload} bytes, more than {MAX_PAYLOAD}"
-            )));
-        }
-        // Refuse before reading the payload, then consume it: framing holds.
-        let refusal = if codec::cmd::name(command).is_none() || command == cmd::RESIZE {
+    /// Why `req` is refused before it reaches the device, if it is.
+    fn refusal(&self, req: &codec::Request, payload: u64) -> Option<(u32, &'static str)> {
+        let (command, offset, len) = (req.command, req.offset, req.length);
+        let size = self.capacity;
+        if codec::cmd::name(command).is_none() || command == cmd::RESIZE {
             Some((errno::EINVAL, "unknown command"))
-        } else if req.flags & !allowed_flags(command, self.session.style, read_only) != 0 {
+        } else if req.flags & !allowed_flags(command, self.style, self.read_only) != 0 {
             Some((errno::EINVAL, "flag not valid for this command"))
         } else if payload > 0 && command != cmd::WRITE {
             Some((errno::EINVAL, "unexpected payload"))
-        } else if read_only && matches!(command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
+        } else if self.read_only && matches!(command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) {
             Some((errno::EPERM, "the export is read-only"))
         } else if matches!(
             command,
@@ -197,28 +159,73 @@ impl Conn<'_> {
             })
         } else if command == cmd::READ && len > u64::from(MAX_PAYLOAD) {
             Some((errno::EINVAL, "read larger than the maximum payload"))
-        } else if command == cmd::BLOCK_STATUS && !self.session.contexts.any() {
+        } else if command == cmd::BLOCK_STATUS && !self.contexts.any() {
             Some((errno::EINVAL, "no metadata context was negotiated"))
         } else if command == cmd::BLOCK_STATUS && len == 0 {
             Some((errno::EINVAL, "block status of zero bytes"))
         } else {
             None
-        };
-        if let Some((error, message)) = refusal {
-            if let Err(e) = input.skip(payload) {
-                return Some(End::Broken(format!("reading a refused payload: {e}")));
-            }
-            tracing::debug!(cookie, command, offset, len, error, message, "refused");
-            self.now(cookie, command, error, message);
-            return None;
         }
-        let flags = Flags {
-            fua: req.flags & cmd_flag::FUA != 0,
-            no_hole: req.flags & cmd_flag::NO_HOLE != 0,
-            fast_zero: req.flags & cmd_flag::FAST_ZERO != 0,
+    }
+
+    /// Answers a request at once, with no device request behind it.
+    fn now(&self, out: &mut SendBuf, req: &codec::Request, error: u32, message: &str) {
+        self.replies
+            .status(out, req.cookie, req.command, 0, error, message);
+    }
+
+    /// Reads one request header and decides what it needs.
+    fn header(&mut self, input: &[u8], cx: &mut ConnCx<'_>) -> Step {
+        let hlen = self.header_len();
+        if input.len() < hlen {
+            return Step::NeedInput;
+        }
+        let decoded = if self.style == Style::Extended {
+            codec::Request::decode_extended(&input[..hlen])
+        } else {
+            codec::Request::decode(&input[..hlen])
         };
-        let dev_command = match command {
-            cmd::DISC => return Some(End::Disconnect),
+        let req = match decoded {
+            Ok(req) => req,
+            Err(e) => {
+                return Step::Close {
+                    consumed: 0,
+                    why: Some(e.to_string()),
+                };
+            }
+        };
+        let (cookie, command, offset, len) = (req.cookie, req.command, req.offset, req.length);
+        // Bytes of payload that follow the header.
+        let payload = match command {
+            cmd::WRITE => len,
+            _ if req.flags & cmd_flag::PAYLOAD_LEN != 0 && self.style == Style::Extended => len,
+            _ => 0,
+        };
+        if payload > u64::from(MAX_PAYLOAD) {
+            self.now(cx.out(), &req, errno::EINVAL, "payload too large");
+            return Step::Close {
+                consumed: hlen,
+                why: Some(format!(
+                    "request {cookie:#x} carries {payload} bytes, more than {MAX_PAYLOAD}"
+                )),
+            };
+        }
+        // Refuse before reading the payload, then skip it: framing holds.
+        if let Some((error, message)) = self.refusal(&req, payload) {
+            tracing::debug!(cookie, command, offset, len, error, message, "refused");
+            self.now(cx.out(), &req, error, message);
+            return Step::Skip {
+                consumed: hlen,
+                skip: payload,
+            };
+        }
+        let command_kind = match command {
+            cmd::DISC => {
+                return Step::Close {
+                    consumed: hlen,
+                    why: None,
+                };
+            }
             cmd::READ => Command::Read,
             cmd::WRITE => Command::Write,
             cmd::FLUSH => Command::Flush,
@@ -229,120 +236,130 @@ impl Conn<'_> {
         };
         if len == 0 && command != cmd::FLUSH {
             // Nothing to do, and nothing to wait for.
-            self.now(cookie, command, 0, "");
-            return None;
+            self.now(cx.out(), &req, 0, "");
+            return Step::Consumed(hlen);
         }
-        let data = matches!(dev_command, Command::Read | Command::Write);
+        if command == cmd::READ
+            && self.read_owed > 0
+            && self.read_owed + cx.unsent() as u64 + len > self.read_budget
+        {
+            // Leave the header until replies have gone out.
+            return Step::Wait;
+        }
+        let data = matches!(command_kind, Command::Read | Command::Write);
         let pieces = if data {
             len.div_ceil(self.piece_size).max(1)
         } else {
             1
         };
+        let piece_size = if data { self.piece_size } else { len };
         let id = self.next_id;
         self.next_id += 1;
-        let pending = Pending {
-            cookie,
-            command,
+        self.replies.begin(
+            id,
+            Pending {
+                cookie,
+                command,
+                offset,
+                len,
+                pieces: pieces as u32,
+                piece_size,
+                contiguous: command == cmd::READ
+                    && (self.style == Style::Simple || req.flags & cmd_flag::DF != 0),
+                contexts: self.contexts,
+                req_one: req.flags & cmd_flag::REQ_ONE != 0,
+            },
+        );
+        self.owed += 1;
+        if command == cmd::READ {
+            self.read_owed += len;
+        }
+        self.current = Some(Current {
+            id,
+            command: command_kind,
             offset,
             len,
+            flags: Flags {
+                fua: req.flags & cmd_flag::FUA != 0,
+                no_hole: req.flags & cmd_flag::NO_HOLE != 0,
+                fast_zero: req.flags & cmd_flag::FAST_ZERO != 0,
+            },
             pieces: pieces as u32,
-            piece_size: if data { self.piece_size } else { len },
-            contiguous: command == cmd::READ
-                && (self.session.style == Style::Simple || req.flags & cmd_flag::DF != 0),
-            contexts: self.session.contexts,
-            req_one: req.flags & cmd_flag::REQ_ONE != 0,
-        };
-        let piece_size = pending.piece_size;
-        let read_bytes = if command == cmd::READ { len } else { 0 };
-        let begin = Out::Begin { id, req: pending };
-        self.shared
-            .announce(begin, MAX_IN_FLIGHT, read_bytes, self.read_budget, || {
-                device.kick()
-            });
-        for i in 0..pieces as usize {
-            let (at, n) = piece_bounds(offset, len, piece_size, i as u32);
-            let tok = token(id, i as u32);
-            let mut buffers = None;
-            if data {
-                // Waiting for memory needs the requests in hand to be running.
-                let quick = device.try_alloc(at, n).ok_or(Errno::EAGAIN);
-                let mut chunks = match quick.or_else(|_| {
-                    device.kick();
-                    device.alloc(at, n)
-                }) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        self.fail_rest(id, i as u32, pieces as u32, e);
-                        if command == cmd::WRITE {
-                            // The rest of the payload still has to be read.
-                            let rest = offset + len - at;
-                            if let Err(e) = input.skip(rest) {
-                                return Some(End::Broken(format!("reading a payload: {e}")));
-                            }
-                        }
-                        return None;
-                    }
-                };
-                if command == cmd::WRITE && (input.buffered() as u64) < n {
-                    device.kick();
-                }
-                if command == cmd::WRITE
-                    && let Err(e) = read_into(input, &mut chunks, at, n, at - offset, len)
-                {
-                    drop(chunks);
-                    self.fail_rest(id, i as u32, pieces as u32, Errno::EIO);
-                    return Some(End::Broken(format!(
-                        "reading the payload of request {cookie:#x}: {e}"
-                    )));
-                }
-                buffers = Some(chunks);
-            }
-            let request = Request {
-                command: dev_command,
-                offset: at,
-                len: n,
-                flags,
-                data: buffers,
-                token: tok,
-            };
-            device.submit_quiet(request, self.shared.clone());
-        }
-        None
+            next: 0,
+            piece_size,
+        });
+        Step::Consumed(hlen)
     }
 
-    /// Completes pieces `from..pieces` of request `id` with `errno`, so its
-    /// reply still goes out.
-    fn fail_rest(&self, id: u64, from: u32, pieces: u32, errno: Errno) {
-        for piece in from..pieces {
-            self.shared.piece(token(id, piece), Err(errno));
+    /// Hands the current request's next piece to the device.
+    fn next_piece(&mut self, cx: &mut ConnCx<'_>) -> Step {
+        let Some(cur) = self.current.as_mut() else {
+            return Step::NeedInput;
+        };
+        let i = cur.next;
+        let (at, n) = piece_bounds(cur.offset, cur.len, cur.piece_size, i);
+        let data = matches!(cur.command, Command::Read | Command::Write);
+        let buffers = if data {
+            match cx.alloc(at, n) {
+                Some(chunks) => Some(chunks),
+                None => return Step::NoMemory,
+            }
+        } else {
+            None
+        };
+        let req = Request {
+            command: cur.command,
+            offset: at,
+            len: n,
+            flags: cur.flags,
+            data: buffers,
+            token: token(cur.id, i),
+        };
+        let payload = if cur.command == Command::Write { n } else { 0 };
+        cur.next += 1;
+        if cur.next == cur.pieces {
+            self.current = None;
+        }
+        Step::Submit {
+            consumed: 0,
+            req,
+            payload,
         }
     }
 }
 
-/// Reads `n` payload bytes for device offset `at` into `chunks`, placed at
-/// byte `at % 512` as the device wants them.
-fn read_into(
-    input: &mut Input,
-    chunks: &mut crate::engine::bufpool::Chunks,
-    at: u64,
-    n: u64,
-    before: u64,
-    total: u64,
-) -> Result<(), ReadError> {
-    let cs = chunks.chunk_size();
-    let start = (at % 512) as usize;
-    let end = start + n as usize;
-    let mut pos = start;
-    while pos < end {
-        let (i, off) = (pos / cs, pos % cs);
-        let take = (cs - off).min(end - pos);
-        let done = before as usize + (pos - start);
-        input.read_exact_counted(
-            &mut chunks.chunk_mut(i)[off..off + take],
-            done,
-            total as usize,
-        )?;
-        pos += take;
+impl Protocol for NbdConn {
+    fn input(&mut self, input: &[u8], cx: &mut ConnCx<'_>) -> Step {
+        if self.current.is_some() {
+            return self.next_piece(cx);
+        }
+        if self.owed >= MAX_IN_FLIGHT {
+            return Step::Wait;
+        }
+        self.header(input, cx)
     }
-    Ok(())
+
+    fn complete(
+        &mut self,
+        token: u64,
+        result: Result<Reply, Errno>,
+        out: &mut SendBuf,
+    ) -> Option<String> {
+        let done = self.replies.piece(out, token, result);
+        if done.reply {
+            self.owed = self.owed.saturating_sub(1);
+            self.read_owed = self.read_owed.saturating_sub(done.read_bytes);
+        }
+        done.broken
+            .then(|| "a READ failed after its reply began".to_string())
+    }
+
+    fn input_ended(&mut self, out: &mut SendBuf) {
+        // Pieces never handed to the device still need their replies.
+        if let Some(cur) = self.current.take() {
+            for piece in cur.next..cur.pieces {
+                let _ = self.complete(token(cur.id, piece), Err(Errno::EIO), out);
+            }
+        }
+    }
 }
