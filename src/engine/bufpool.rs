@@ -570,8 +570,8 @@ impl Drop for Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
     use std::collections::HashSet;
+    use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc;
     use std::thread;
     use std::time::{Duration, Instant};

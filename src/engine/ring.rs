@@ -971,7 +971,11 @@ mod tests {
         let done = collect(&mut ring);
         let mut theirs = writer.join().unwrap();
         assert_eq!(done[0].result, Ok(6000));
-        assert!(ring.buf(1).unwrap().as_slice()[..6000].iter().all(|&b| b == 7));
+        assert!(
+            ring.buf(1).unwrap().as_slice()[..6000]
+                .iter()
+                .all(|&b| b == 7)
+        );
         // A send puts out every byte; the file stays while ops use it.
         let mut out = AlignedBuf::new(1 << 20, 4096).unwrap();
         out.as_mut_slice().fill(9);
