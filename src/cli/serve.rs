@@ -72,6 +72,12 @@ pub struct Args {
     /// Clients connected at once, at most.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// Microseconds the server polls for the next completion before it
+    /// sleeps, while clients have at most two requests in flight (a client
+    /// at queue depth 1 then gets its reply without a thread wake-up in the
+    /// way); 0 turns polling off.
+    #[arg(long, value_name = "US", default_value_t = 50)]
+    poll_us: u64,
 }
 
 /// What to serve and how, from `ubd serve` or `ubd demo`.
@@ -134,6 +140,8 @@ pub fn run(args: Args) -> Outcome {
             backing: args.backing,
             cache: args.cache.mode(),
             pool_size: args.pool_size as usize,
+            max_connections: args.max_connections.max(1),
+            poll: std::time::Duration::from_micros(args.poll_us),
             ..DeviceOptions::default()
         },
         pid_file: args.pid_file,

@@ -143,6 +143,9 @@ pub struct DeviceOptions {
     pub max_requests: usize,
     /// Client connections the worker serves at once ([`Device::serve`]).
     pub max_connections: usize,
+    /// While connections have at most two requests in flight, the worker
+    /// polls this long for a completion before it sleeps (zero: never).
+    pub poll: Duration,
     /// Retry a lock another process holds for this long.
     pub lock_wait: Duration,
     /// Poison pool chunks when they are freed (tests: use after free shows).
@@ -160,6 +163,7 @@ impl Default for DeviceOptions {
             queue_depth: 256,
             max_requests: 256,
             max_connections: 256,
+            poll: Duration::from_micros(50),
             lock_wait: Duration::from_secs(2),
             poison_on_free: false,
         }
@@ -254,6 +258,7 @@ impl Device {
                 max_requests: opts.max_requests.max(1),
                 max_conns: opts.max_connections,
                 max_io,
+                poll: opts.poll,
             };
             let path = path.to_path_buf();
             std::thread::Builder::new()

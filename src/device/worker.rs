@@ -237,6 +237,7 @@ pub struct Worker {
     pub(super) round: Round,
     pub(super) chunk: u64,
     pub(super) max_requests: u32,
+    spin: std::time::Duration,
 }
 
 /// What the worker is given besides the image.
@@ -249,6 +250,7 @@ pub(super) struct Setup {
     pub(super) max_requests: usize,
     pub(super) max_conns: usize,
     pub(super) max_io: u64,
+    pub(super) poll: std::time::Duration,
 }
 
 impl Worker {
@@ -262,6 +264,7 @@ impl Worker {
             max_requests,
             max_conns,
             max_io,
+            poll,
         } = setup;
         let mut files = vec![img.main.file.clone()];
         if let Some(o) = &img.overlay {
@@ -348,6 +351,7 @@ impl Worker {
             },
             chunk: pool.chunk_size() as u64,
             max_requests: mr,
+            spin: poll,
         })
     }
 
@@ -399,6 +403,16 @@ impl Worker {
             // wake-up, so the worker must see its flag here.
             let closing = self.closing.load(Ordering::SeqCst);
             let wait = idle && (self.busy() || !closing);
+            // Poll before sleeping only while a client waits on one request
+            // at a time: there it saves a wake-up per request; under load
+            // there is work anyway, and the client needs the CPU.
+            let in_flight = self.max_requests as usize - self.free.len();
+            let spin = if self.has_conns() && in_flight <= 2 {
+                self.spin
+            } else {
+                std::time::Duration::ZERO
+            };
+            self.ring.set_spin(spin);
             let woken = self.ring.run(wait, &mut |c| done.push(c));
             if let Err(e) = woken {
                 // The ring itself failed: nothing can make progress. Fail
