@@ -38,6 +38,7 @@ use nix::errno::Errno;
 use thiserror::Error;
 
 use crate::engine::bufpool::{BufPool, Chunks, PoolConfig, PoolError};
+pub use crate::engine::record::{Event, Fault, Faults, OpClass, Recorder, Role};
 use crate::engine::ring::Waker;
 use crate::engine::sequencer::Sequencer;
 use crate::image::{self, Cache, ImageError};
@@ -150,6 +151,10 @@ pub struct DeviceOptions {
     pub lock_wait: Duration,
     /// Poison pool chunks when they are freed (tests: use after free shows).
     pub poison_on_free: bool,
+    /// Tests: log every write and sync the device issues (power-loss states).
+    pub recorder: Option<Arc<Recorder>>,
+    /// Tests: make chosen disk ops fail (EIO from below, say).
+    pub faults: Option<Arc<Faults>>,
 }
 
 impl Default for DeviceOptions {
@@ -166,6 +171,8 @@ impl Default for DeviceOptions {
             poll: Duration::from_micros(50),
             lock_wait: Duration::from_secs(2),
             poison_on_free: false,
+            recorder: None,
+            faults: None,
         }
     }
 }
@@ -259,6 +266,8 @@ impl Device {
                 max_conns: opts.max_connections,
                 max_io,
                 poll: opts.poll,
+                recorder: opts.recorder.clone(),
+                faults: opts.faults.clone(),
             };
             let path = path.to_path_buf();
             std::thread::Builder::new()

@@ -251,6 +251,8 @@ pub(super) struct Setup {
     pub(super) max_conns: usize,
     pub(super) max_io: u64,
     pub(super) poll: std::time::Duration,
+    pub(super) recorder: Option<Arc<crate::engine::record::Recorder>>,
+    pub(super) faults: Option<Arc<crate::engine::record::Faults>>,
 }
 
 impl Worker {
@@ -265,6 +267,8 @@ impl Worker {
             max_conns,
             max_io,
             poll,
+            recorder,
+            faults,
         } = setup;
         let mut files = vec![img.main.file.clone()];
         if let Some(o) = &img.overlay {
@@ -285,6 +289,17 @@ impl Worker {
             max_conns,
             Some((arena_ptr, arena_len, keep)),
         )?;
+        {
+            use crate::engine::record::Role;
+            let roles = if img.overlay.is_some() {
+                vec![Role::Main, Role::Backing, Role::Main]
+            } else {
+                vec![Role::Main]
+            };
+            ring.set_roles(roles);
+            ring.set_recorder(recorder);
+            ring.set_faults(faults);
+        }
         let no_mem = || std::io::Error::from(std::io::ErrorKind::OutOfMemory);
         for i in 0..SCRATCH {
             let buf = AlignedBuf::new(2 * SECTOR as usize, 4096).ok_or_else(no_mem)?;

@@ -8,6 +8,7 @@ pub mod bufpool;
 pub mod bufset;
 pub mod dio;
 pub mod inherit;
+pub mod record;
 pub mod ring;
 pub mod sendbuf;
 pub mod sequencer;

@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+use super::record::{Event, Faults, OpClass, Recorder, Role};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 /// A set of buffers (one or more segments) that ops read into or write from.
@@ -130,8 +132,11 @@ struct Slot {
     /// Bytes already transferred by earlier submissions of this op.
     done: u64,
     retries: u8,
-    /// Set when the op could not be built; it then completes through a NOP.
+    /// Set when the op could not be built (or a fault was injected); it
+    /// then completes through a NOP.
     error: Option<i32>,
+    /// Its number in the recorder's log.
+    recorded: Option<u64>,
 }
 
 /// The most segments one vectored op spans.
@@ -191,6 +196,9 @@ pub struct Ring<B: BufSet> {
     wake_armed: bool,
     /// How long `run` polls for completions before it sleeps.
     spin: Duration,
+    roles: Vec<Role>,
+    recorder: Option<Arc<Recorder>>,
+    faults: Option<Arc<Faults>>,
     /// Keeps the registered arena mapped; declared after `ring`, so it is
     /// dropped after the ring (and after the drain in `Drop`).
     _arena_owner: Option<Arc<dyn Send + Sync>>,
@@ -298,6 +306,9 @@ impl<B: BufSet> Ring<B> {
             wake_buf: Box::new(0),
             wake_armed: false,
             spin: Duration::ZERO,
+            roles: Vec::new(),
+            recorder: None,
+            faults: None,
             _arena_owner: arena_owner,
         })
     }
@@ -416,15 +427,106 @@ impl<B: BufSet> Ring<B> {
             *busy += 1;
         }
         self.generations[index as usize] = self.generations[index as usize].wrapping_add(1);
+        let error = self.injected(&op);
+        let recorded = match (&self.recorder, error) {
+            (Some(_), None) => self.record(&op),
+            _ => None,
+        };
         self.slots[index as usize] = Some(Slot {
             op,
             done: 0,
             retries: 0,
-            error: None,
+            error,
+            recorded,
         });
         self.in_flight += 1;
         self.queue_slot(index);
         Ok(())
+    }
+
+    /// Sets what each file is to the owner (for the recorder and faults);
+    /// files past the end are [`Role::Other`].
+    pub fn set_roles(&mut self, roles: Vec<Role>) {
+        self.roles = roles;
+    }
+
+    /// Logs every write and sync from now on into `recorder`.
+    pub fn set_recorder(&mut self, recorder: Option<Arc<Recorder>>) {
+        self.recorder = recorder;
+    }
+
+    /// Fails the ops `faults` names from now on.
+    pub fn set_faults(&mut self, faults: Option<Arc<Faults>>) {
+        self.faults = faults;
+    }
+
+    fn role(&self, file: usize) -> Role {
+        self.roles.get(file).copied().unwrap_or(Role::Other)
+    }
+
+    /// The errno an injected fault gives `op`, if one applies.
+    fn injected(&self, op: &Op) -> Option<i32> {
+        let faults = self.faults.as_ref()?;
+        let class = match op.kind {
+            OpKind::Read => OpClass::Read,
+            OpKind::Write => OpClass::Write,
+            OpKind::Fsync | OpKind::Fdatasync => OpClass::Sync,
+            OpKind::Fallocate { .. } => OpClass::Fallocate,
+            _ => return None,
+        };
+        faults.check(class, self.role(op.file), op.offset..op.offset + op.len)
+    }
+
+    /// Logs `op`'s submission, if it changes a file or syncs one.
+    fn record(&self, op: &Op) -> Option<u64> {
+        let rec = self.recorder.as_ref()?;
+        let role = self.role(op.file);
+        let (offset, len) = (op.offset, op.len);
+        match op.kind {
+            OpKind::Write => {
+                let data = self.gather(op.buf?, len)?;
+                Some(rec.start(|op| Event::Write {
+                    op,
+                    role,
+                    offset,
+                    data,
+                }))
+            }
+            OpKind::Fallocate { mode }
+                if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 =>
+            {
+                Some(rec.start(|op| Event::Zero {
+                    op,
+                    role,
+                    offset,
+                    len,
+                }))
+            }
+            OpKind::Fsync | OpKind::Fdatasync => Some(rec.start(|op| Event::Sync { op, role })),
+            _ => None,
+        }
+    }
+
+    /// A copy of the `len` bytes an op would write from `r`.
+    fn gather(&self, r: BufRef, len: u64) -> Option<Vec<u8>> {
+        let set = self.bufs.get(r.slot as usize)?.as_ref()?;
+        let mut out = Vec::with_capacity(usize::try_from(len).ok()?);
+        let (mut seg, mut off) = (r.segment as usize, r.offset);
+        while (out.len() as u64) < len && seg < set.segments() {
+            let (base, seg_len) = set.segment(seg);
+            if off < seg_len {
+                let take = (seg_len - off).min(len as usize - out.len());
+                // SAFETY: `off + take <= seg_len`, so the range lies in the
+                // segment, which the attached set keeps valid (BufSet's
+                // contract); the op is not submitted yet and the owner cannot
+                // reach an attached set, so nothing writes it meanwhile.
+                let bytes = unsafe { std::slice::from_raw_parts(base.add(off), take) };
+                out.extend_from_slice(bytes);
+            }
+            off = off.saturating_sub(seg_len);
+            seg += 1;
+        }
+        (out.len() as u64 == len).then_some(out)
     }
 
     fn user_data(&self, index: u32) -> u64 {
@@ -434,12 +536,20 @@ impl<B: BufSet> Ring<B> {
     /// Builds and pushes the SQE for slot `index` (its first or a resubmission).
     fn queue_slot(&mut self, index: u32) {
         let user_data = self.user_data(index);
-        let entry = match self.build(index) {
+        let failed = self.slots[index as usize]
+            .as_ref()
+            .is_some_and(|s| s.error.is_some());
+        let built = if failed {
+            Err(libc::EIO)
+        } else {
+            self.build(index)
+        };
+        let entry = match built {
             Ok(entry) => entry.user_data(user_data),
             // Completes at once with the error, through a NOP.
             Err(errno) => {
                 if let Some(slot) = self.slots[index as usize].as_mut() {
-                    slot.error = Some(errno);
+                    slot.error.get_or_insert(errno);
                 }
                 opcode::Nop::new().build().user_data(user_data)
             }
@@ -771,6 +881,9 @@ impl<B: BufSet> Ring<B> {
         }
         if let Some(busy) = self.file_busy.get_mut(slot.op.file) {
             *busy -= 1;
+        }
+        if let (Some(rec), Some(op), Ok(_)) = (&self.recorder, slot.recorded, outcome) {
+            rec.done(op);
         }
         done(Completion {
             tag: slot.op.tag,
