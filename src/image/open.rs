@@ -201,6 +201,18 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
     } else {
         open_file(path, write, Cache::Writeback)?
     };
+    if write {
+        // Give the bitmap its blocks now (they read as zeros, as the holes
+        // did): a FLUSH then never needs new space on a full file system,
+        // nor the file system's metadata for it on first touch. A file
+        // system that cannot allocate ahead simply keeps the holes.
+        let _ = nix::fcntl::fallocate(
+            &probe,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            geometry.bitmap_offset as i64,
+            geometry.bitmap_len.max(1) as i64,
+        );
+    }
     let capacity = geometry.capacity();
     Ok(OpenImage {
         main: ImageFile {

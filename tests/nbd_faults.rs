@@ -1,0 +1,308 @@
+//! Faults from below (issue 7, part 6): the backing file or the overlay
+//! returns EIO (the device's fault injector, beneath the ring) or ENOSPC (the
+//! overlay on a small tmpfs that fills up). The client gets that error for
+//! the request that met it, other requests go on, and nothing already
+//! acknowledged (and flushed) is lost.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use ubd::device::{Device, DeviceOptions, Fault, Faults, OpClass, Role};
+use ubd::image::{Cache, create_overlay};
+use ubd::nbd::export::{Export, Exports};
+use ubd::nbd::server::{self, Listener};
+
+use common::server::Server;
+use common::{output, ubd_info};
+
+const M: u64 = 1 << 20;
+const BASE_LEN: u64 = 8 * M;
+
+/// The pattern `ops.py` writes and checks: never zero, different per seed.
+fn pattern(seed: u64, offset: u64, len: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| (((offset + i) * 7 + seed) % 251 + 1) as u8)
+        .collect()
+}
+
+fn python_ops(socket: &Path, ops: &[String]) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbd_faults/ops.py");
+    let out = output(
+        Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(socket)
+            .args(ops),
+    );
+    assert!(
+        out.status.success(),
+        "ops.py {ops:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `ops` and checks each answer.
+fn expect(socket: &Path, steps: &[(&str, &str)]) {
+    let ops: Vec<String> = steps.iter().map(|(op, _)| op.to_string()).collect();
+    let got = python_ops(socket, &ops);
+    for ((op, want), got) in steps.iter().zip(&got) {
+        assert_eq!(got, want, "{op}: got {got:?}, want {want:?} (all: {got:?})");
+    }
+    assert_eq!(got.len(), steps.len(), "answers: {got:?}");
+}
+
+/// A server run in this process, so the test can reach its device.
+struct InProcess {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    socket: PathBuf,
+}
+
+impl InProcess {
+    fn start(dir: &Path, device: Arc<Device>) -> InProcess {
+        let socket = dir.join("nbd.sock");
+        let listener = Listener::unix(&socket).expect("listen");
+        let exports = Exports::new(vec![Arc::new(Export {
+            name: String::new(),
+            description: String::new(),
+            device,
+        })]);
+        let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            server::run(&exports, &[listener], &s, 16).expect("the server failed");
+        });
+        InProcess {
+            stop,
+            thread: Some(thread),
+            socket,
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.write(1).unwrap();
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the server thread panicked");
+        }
+    }
+}
+
+fn read_device(cow: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let dev = Device::open(
+        cow,
+        &DeviceOptions {
+            read_only: true,
+            ..DeviceOptions::default()
+        },
+    )
+    .expect("reopen the overlay");
+    let mut buf = vec![0u8; len as usize];
+    dev.read_at(offset, &mut buf).unwrap();
+    buf
+}
+
+fn op(kind: &str, offset: u64, len: u64, seed: u64) -> String {
+    format!("{kind}:{offset}:{len}:{seed}")
+}
+
+#[test]
+fn eio_from_below_fails_only_the_requests_that_met_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    let cow = dir.path().join("vm.cow");
+    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
+    let base_mtime = fs::metadata(&base).unwrap().modified().unwrap();
+    create_overlay(&cow, &base, false).unwrap();
+    let data_offset = ubd_info(&cow)["data_offset"].as_u64().unwrap();
+
+    let faults = Arc::new(Faults::new());
+    let device = Arc::new(
+        Device::open(
+            &cow,
+            &DeviceOptions {
+                cache: Cache::None,
+                faults: Some(faults.clone()),
+                ..DeviceOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let server = InProcess::start(dir.path(), device.clone());
+    let sock = server.socket.clone();
+    let (w, r) = (
+        |o, l, s| op("w", o, l, s),
+        |o: u64, l: u64, s: u64| op("r", o, l, s),
+    );
+    let steps = |list: &[(String, &'static str)]| {
+        let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        expect(&sock, &v);
+    };
+    steps(&[
+        (w(M, 64 << 10, 11), "ok"),
+        ("f".into(), "ok"),
+        (r(M, 64 << 10, 11), "ok"),
+    ]);
+
+    // The backing file fails reads over 4 MiB..4 MiB + 4 KiB.
+    faults.add(Fault {
+        class: OpClass::Read,
+        role: Role::Backing,
+        range: 4 * M..4 * M + 4096,
+        errno: libc::EIO,
+        times: None,
+    });
+    steps(&[
+        (r(4 * M, 4096, 5), "err EIO"),
+        (r(4 * M + 8192, 4096, 5), "ok"),
+        (r(M, 64 << 10, 11), "ok"),
+        (r(4 * M - 512, 1024, 5), "err EIO"),
+        (w(6 * M, 8192, 15), "ok"),
+    ]);
+    faults.clear();
+    steps(&[(r(4 * M, 4096, 5), "ok")]);
+
+    // The overlay fails writes of device bytes 2 MiB..2 MiB + 4 KiB.
+    faults.add(Fault {
+        class: OpClass::Write,
+        role: Role::Main,
+        range: data_offset + 2 * M..data_offset + 2 * M + 4096,
+        errno: libc::EIO,
+        times: None,
+    });
+    steps(&[
+        (w(2 * M, 4096, 12), "err EIO"),
+        (w(3 * M, 4096, 13), "ok"),
+        (r(3 * M, 4096, 13), "ok"),
+        // The failed write set no bit: the backing file's data still shows.
+        (r(2 * M, 4096, 5), "ok"),
+    ]);
+    faults.clear();
+
+    // One failing sync: that FLUSH fails, the next one succeeds.
+    faults.add(Fault {
+        class: OpClass::Sync,
+        role: Role::Main,
+        range: 0..0,
+        errno: libc::EIO,
+        times: Some(1),
+    });
+    steps(&[
+        (w(5 * M, 4096, 14), "ok"),
+        ("f".into(), "err EIO"),
+        ("f".into(), "ok"),
+    ]);
+    assert!(faults.hits() >= 4, "faults hit {} times", faults.hits());
+
+    server.stop();
+    drop(device);
+    for (offset, len, seed) in [
+        (M, 64 << 10, 11),
+        (3 * M, 4096, 13),
+        (5 * M, 4096, 14),
+        (6 * M, 8192, 15),
+        (2 * M, 4096, 5),
+        (4 * M, 4096, 5),
+    ] {
+        assert!(
+            read_device(&cow, offset, len) == pattern(seed, offset, len),
+            "after the faults, {len} bytes at {offset} are not pattern {seed}"
+        );
+    }
+    assert_eq!(fs::read(&base).unwrap(), pattern(5, 0, BASE_LEN));
+    assert_eq!(fs::metadata(&base).unwrap().modified().unwrap(), base_mtime);
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(at).unwrap();
+        let out = output(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size}"))
+                .arg("tmpfs")
+                .arg(at),
+        );
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs at {} failed (the test needs root): {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn enospc_on_a_full_file_system_fails_the_write_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
+    let small = Tmpfs::mount(&dir.path().join("small"), "6m");
+    let cow = small.0.join("vm.cow");
+    create_overlay(&cow, &base, false).unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let server = Server::start(&socket, &[cow.as_os_str()]);
+    let (w, r) = (
+        |o, l, s| op("w", o, l, s),
+        |o: u64, l: u64, s: u64| op("r", o, l, s),
+    );
+    let steps = |list: &[(String, &'static str)]| {
+        let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        expect(&socket, &v);
+    };
+    steps(&[(w(M, M, 21), "ok"), ("f".into(), "ok")]);
+
+    // Fill the file system.
+    let filler = small.0.join("filler");
+    {
+        let mut f = fs::File::create(&filler).unwrap();
+        let block = vec![0x55u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    steps(&[
+        (w(4 * M, M, 22), "err ENOSPC"),
+        (r(M, M, 21), "ok"),
+        // Sectors the overlay holds are rewritten in place: no new space.
+        (w(M, 4096, 23), "ok"),
+        ("f".into(), "ok"),
+        (r(4 * M + M / 2, 4096, 5), "ok"),
+    ]);
+    fs::remove_file(&filler).unwrap();
+    steps(&[(w(4 * M, 4096, 24), "ok"), ("f".into(), "ok")]);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "ubd serve: {status}\n{stderr}");
+
+    let got = read_device(&cow, M, M);
+    assert!(
+        got[..4096] == pattern(23, M, 4096)[..],
+        "the rewrite is lost"
+    );
+    assert!(
+        got[4096..] == pattern(21, M + 4096, M - 4096)[..],
+        "flushed data is lost"
+    );
+    assert!(read_device(&cow, 4 * M, 4096) == pattern(24, 4 * M, 4096));
+    // The failed write set no bit: the base shows through.
+    assert!(read_device(&cow, 4 * M + 4096, M - 4096) == pattern(5, 4 * M + 4096, M - 4096));
+    drop(small);
+}
