@@ -15,6 +15,9 @@ use ubd::image::create_overlay;
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc::new();
 
+/// The counter sees every thread: the tests take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 /// Completion tokens, in a queue whose capacity is reserved up front.
 struct Done {
     queue: Mutex<VecDeque<(u64, bool)>>,
@@ -102,6 +105,7 @@ fn drive(dev: &Device, done: &Arc<Done>, n: u64, depth: u64, seed: &mut u64) {
 
 #[test]
 fn steady_state_requests_do_not_allocate() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.img");
     fs::write(&base, common::pseudo_random_bytes(1, 16 << 20)).unwrap();
@@ -126,4 +130,66 @@ fn steady_state_requests_do_not_allocate() {
     let allocations = ALLOC.stop();
     dev.close().unwrap();
     assert_eq!(allocations, 0, "heap allocations during 10,000 requests");
+}
+
+/// The same through NBD: a connection served on the device's worker, driven
+/// by fio from another process, allocates nothing per request once warm.
+#[test]
+fn steady_state_nbd_requests_do_not_allocate() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    use nix::sys::eventfd::{EfdFlags, EventFd};
+    use ubd::nbd::export::{Export, Exports};
+    use ubd::nbd::server::{self, Listener};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, common::pseudo_random_bytes(2, 64 << 20)).unwrap();
+    let cow = dir.path().join("cow.img");
+    create_overlay(&cow, &base, false).unwrap();
+    let device = Arc::new(Device::open(&cow, &DeviceOptions::default()).unwrap());
+    let socket = dir.path().join("nbd.sock");
+    let listener = Listener::unix(&socket).unwrap();
+    let exports = Exports::new(vec![Arc::new(Export {
+        name: String::new(),
+        description: String::new(),
+        device,
+    })]);
+    let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || server::run(&exports, &[listener], &stop, 4).unwrap())
+    };
+    // Reads, writes (some not sector-aligned) and flushes for 8 s; the
+    // middle 4 s are counted.
+    let fio = std::process::Command::new(common::tool("fio", "fio"))
+        .args([
+            "--name=steady",
+            "--ioengine=nbd",
+            "--rw=randrw",
+            "--bs=4k,1536",
+            "--iodepth=16",
+            "--fsync=50",
+            "--time_based",
+            "--runtime=8",
+            "--size=48m",
+        ])
+        .arg(format!("--uri=nbd+unix:///?socket={}", socket.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fio");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    ALLOC.start();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let allocations = ALLOC.stop();
+    let out = fio.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "fio failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop.write(1).unwrap();
+    server.join().unwrap();
+    assert_eq!(allocations, 0, "heap allocations in 4 s of NBD requests");
 }

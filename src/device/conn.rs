@@ -335,7 +335,9 @@ impl Worker {
             }
         }
         while !self.ready.is_empty() {
-            let mut ready = std::mem::take(&mut self.ready);
+            // Two lists swapped back and forth: no allocation once warm.
+            let mut ready = std::mem::take(&mut self.ready_work);
+            std::mem::swap(&mut ready, &mut self.ready);
             for &c in &ready {
                 if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
                     conn.queued = false;
@@ -346,9 +348,7 @@ impl Worker {
                 self.maybe_close(c);
             }
             ready.clear();
-            if self.ready.is_empty() {
-                self.ready = ready;
-            }
+            self.ready_work = ready;
         }
     }
 

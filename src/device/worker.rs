@@ -221,8 +221,9 @@ pub struct Worker {
     /// `conn_base`.
     pub(super) conns: Vec<Option<Conn>>,
     pub(super) conn_base: u32,
-    /// Connections with something to do.
+    /// Connections with something to do, and the list being worked off.
     pub(super) ready: Vec<u32>,
+    pub(super) ready_work: Vec<u32>,
     /// Connections waiting for memory, in order.
     pub(super) line: MemLine,
     pub(super) closing: Arc<AtomicBool>,
@@ -347,6 +348,7 @@ impl Worker {
             conns: (0..max_conns).map(|_| None).collect(),
             conn_base,
             ready: Vec::with_capacity(max_conns),
+            ready_work: Vec::with_capacity(max_conns),
             line: MemLine::default(),
             closing,
             reqs: (0..max_requests).map(|_| None).collect(),
