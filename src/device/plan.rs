@@ -13,7 +13,9 @@
 use std::ops::Range;
 
 use super::Command;
-use super::worker::{FILE_BACKING, FILE_MAIN, P_DATA, P_MERGE, SECTOR, Stage, Worker, tag};
+use super::worker::{
+    FILE_BACKING, FILE_MAIN, P_DATA, P_MERGE, P_PREALLOC, PREALLOC, SECTOR, Stage, Worker, tag,
+};
 use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{BufRef, Op, OpKind};
 
@@ -276,6 +278,7 @@ impl Worker {
     /// where it must). A raw image ends where its file does, maybe inside a
     /// sector: the write stops there.
     fn emit_write(&mut self, owner: u32, buf: BufRef, sectors: Range<u64>) {
+        self.preallocate(sectors.clone());
         let offset = self.main_offset(sectors.start);
         let limit = if self.cow.is_none() {
             self.main_len
@@ -333,8 +336,66 @@ impl Worker {
         self.emit_fallocate(slot, mode, start..end);
     }
 
+    /// Direct I/O into a hole of the overlay allocates blocks, which the
+    /// host file system does under an exclusive inode lock and not without
+    /// waiting (io_uring hands such writes to a worker thread), one write at
+    /// a time. Blocks allocated ahead (unwritten: they read as zeros) take
+    /// writes side by side, as overwrites. So the first write into each
+    /// `PREALLOC` piece of the overlay's data area allocates the whole piece,
+    /// once per session; the data never depends on it (no op waits for it),
+    /// and nothing reads the overlay where no bit is set.
+    fn preallocate(&mut self, sectors: Range<u64>) {
+        if !self.main_direct || sectors.is_empty() || self.cow.is_none() {
+            return;
+        }
+        let per = PREALLOC / SECTOR;
+        let (first, last) = (sectors.start / per, (sectors.end - 1) / per);
+        for piece in first..=last {
+            let Some(cow) = self.cow.as_mut() else { return };
+            let (word, bit) = ((piece / 64) as usize, 1u64 << (piece % 64));
+            let Some(w) = cow.prealloc.get_mut(word) else {
+                return;
+            };
+            if *w & bit != 0 {
+                continue;
+            }
+            *w |= bit;
+            let start = piece * PREALLOC;
+            let len = PREALLOC.min((cow.mapped * SECTOR).saturating_sub(start));
+            let op = Op {
+                kind: OpKind::Fallocate {
+                    mode: libc::FALLOC_FL_KEEP_SIZE,
+                },
+                file: FILE_MAIN,
+                offset: cow.data_offset + start,
+                len,
+                buf: None,
+                tag: tag(P_PREALLOC, 0),
+            };
+            self.push(op);
+        }
+    }
+
+    /// Forgets the preallocation of the pieces `sectors` touch (a hole was
+    /// punched there).
+    fn forget_preallocation(&mut self, sectors: Range<u64>) {
+        let Some(cow) = self.cow.as_mut() else { return };
+        if sectors.is_empty() {
+            return;
+        }
+        let per = PREALLOC / SECTOR;
+        for piece in sectors.start / per..=(sectors.end - 1) / per {
+            if let Some(w) = cow.prealloc.get_mut((piece / 64) as usize) {
+                *w &= !(1u64 << (piece % 64));
+            }
+        }
+    }
+
     /// Emits `fallocate(mode)` over the overlay's (or raw image's) `sectors`.
     fn emit_fallocate(&mut self, owner: u32, mode: i32, sectors: Range<u64>) {
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            self.forget_preallocation(sectors.clone());
+        }
         let op = Op {
             kind: OpKind::Fallocate { mode },
             file: FILE_MAIN,

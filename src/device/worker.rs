@@ -55,6 +55,10 @@ pub(super) const P_SYNC_META: u64 = 5;
 pub(super) const P_RECV: u64 = 6;
 pub(super) const P_PAYLOAD: u64 = 7;
 pub(super) const P_SEND: u64 = 8;
+/// Allocation ahead of first writes (see `preallocate` in plan.rs).
+pub(super) const P_PREALLOC: u64 = 9;
+/// Bytes of the overlay allocated at once, ahead of first writes.
+pub(super) const PREALLOC: u64 = 1 << 20;
 
 pub(super) fn tag(purpose: u64, slot: u32) -> u64 {
     (purpose << 32) | u64::from(slot)
@@ -203,12 +207,16 @@ pub(super) struct Cow {
     pub(super) dirty: Vec<bool>,
     pub(super) dirty_list: Vec<u32>,
     pub(super) backing: Arc<File>,
+    /// Pieces of `PREALLOC` bytes of the data area allocated this session.
+    pub(super) prealloc: Vec<u64>,
 }
 
 pub struct Worker {
     pub(super) ring: Ring<DevBuf>,
     pub(super) main: Arc<File>,
     pub(super) main_len: u64,
+    /// The main file takes direct I/O.
+    pub(super) main_direct: bool,
     pub(super) cow: Option<Cow>,
     pub(super) capacity: u64,
     pub(super) read_only: bool,
@@ -330,6 +338,11 @@ impl Worker {
                     dirty: vec![false; blocks],
                     dirty_list: Vec::with_capacity(blocks),
                     backing: o.backing.file,
+                    prealloc: vec![
+                        0;
+                        g.mapped_sectors().div_ceil(PREALLOC / SECTOR).div_ceil(64)
+                            as usize
+                    ],
                 })
             }
         };
@@ -337,6 +350,7 @@ impl Worker {
             ring,
             main: img.main.file,
             main_len: img.main.len,
+            main_direct: img.main.direct,
             cow,
             capacity: img.capacity,
             read_only: img.read_only,
@@ -605,6 +619,8 @@ impl Worker {
         match purpose {
             P_SYNC_DATA | P_BITMAP | P_SYNC_META => self.on_round(purpose, c.result),
             P_RECV | P_PAYLOAD | P_SEND => self.on_conn_op(purpose, slot, &c),
+            // Only ever a help: a failure just leaves holes.
+            P_PREALLOC => {}
             _ => {
                 let ok = self.check(&c);
                 let Some(r) = self.req(slot) else { return };
