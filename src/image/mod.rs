@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use ubd_cow::{Bitmap, CowError, Geometry, Header, MAX_HEADER_SIZE};
 
-pub use backing::{BackingState, Stamp, resolve, stamp};
+pub use backing::{
+    BackingState, Examined, Refusal, Stamp, examine, open_vetted, resolve, stamp, vet,
+};
 pub use create::{create_overlay, create_raw};
 pub use lock::{LockKind, lock};
 pub use open::{Cache, ImageFile, OpenImage, OpenOptions, Overlay, open};
@@ -53,6 +55,13 @@ pub enum ImageError {
     BackingMismatch { path: PathBuf, problem: String },
     #[error("{}: mtime {mtime} does not fit the COW format's 32-bit field (touch the file to give it a current mtime)", path.display())]
     MtimeOutOfRange { path: PathBuf, mtime: i64 },
+    /// The backing file an overlay names fails a trust check.
+    #[error("{}", overlay.display())]
+    BackingRefused {
+        overlay: PathBuf,
+        #[source]
+        refusal: Refusal,
+    },
 }
 
 /// A zeroed buffer for `path`'s bitmap of `len` bytes, or a clear error when
@@ -201,6 +210,22 @@ impl CowImage {
     /// name), else the header's path.
     pub fn backing_path<'a>(&'a self, override_path: Option<&'a Path>) -> &'a Path {
         override_path.unwrap_or(&self.header.backing_file)
+    }
+
+    /// The backing file to read (`override_path`, else the header's) and how
+    /// it compares with the header, under the trust checks of [`vet`] with
+    /// `dir` as the backing directory: a refused file is an error.
+    pub fn backing(
+        &self,
+        override_path: Option<&Path>,
+        dir: Option<&Path>,
+    ) -> Result<Examined, ImageError> {
+        examine(
+            &self.path,
+            &self.header,
+            self.backing_path(override_path),
+            dir,
+        )
     }
 
     /// Checks that the file holds at least its header and bitmap.
