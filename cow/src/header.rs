@@ -10,6 +10,13 @@
 //! | v3 | 0 | 4 | 32 (4096) | 8 | 12 | 20 | 24 | 28 | 4128 |
 //! | broken v3 | 0 | 4 | 36 (4096) | 8 | 16 | 24 | 28 | 32 | 4136 |
 //!
+//! The backing file path must end with a NUL inside its field (256 bytes in v1,
+//! 4096 in v2 and v3); a header whose path fills the field is refused. UML's
+//! own reader (`read_cow_header` in `arch/um/drivers/cow_user.c`) has no such
+//! check: it copies the field with an unbounded `strdup`, which runs on into
+//! the fields after it (v1: mtime, size) or past the end of the header buffer
+//! (v3), so such a header never named a file on purpose.
+//!
 //! "Broken v3" is what 64-bit builds wrote before 2006: the v3 fields without
 //! packing. It is told apart from v3 by bytes 32..36, which hold the start of the
 //! path in a real v3 header and the zero bitmap format in a broken one.
@@ -467,6 +474,43 @@ mod tests {
             with(&|b| b[12..20].copy_from_slice(&u64::MAX.to_be_bytes())),
             CowError::SizeTooLarge(u64::MAX)
         );
+    }
+
+    /// A path that fills its field without a NUL is refused in every
+    /// layout, with the field's offset and length; one byte of NUL is enough.
+    #[test]
+    fn an_unterminated_path_is_refused_in_every_layout() {
+        for (version, offset, len) in [
+            (Version::V1, 8, 256),
+            (Version::V2, 8, 4096),
+            (Version::V3Broken, 36, 4096),
+            (Version::V3, 32, 4096),
+        ] {
+            let header = Header {
+                version,
+                magic_order: ByteOrder::Little,
+                backing_file: PathBuf::from("/b"),
+                mtime: 1,
+                size: 4096,
+                sector_size: 512,
+                alignment: 512,
+                cow_format: 0,
+            };
+            let mut bytes = crate::legacy::encode(&header).unwrap();
+            bytes[offset..offset + len].fill(b'x');
+            assert_eq!(
+                Header::parse(&bytes),
+                Err(CowError::BackingPathUnterminated { offset, len }),
+                "{version:?}"
+            );
+            bytes[offset + len - 1] = 0;
+            let parsed = Header::parse(&bytes).unwrap();
+            assert_eq!(
+                parsed.backing_file.as_os_str().len(),
+                len - 1,
+                "{version:?}"
+            );
+        }
     }
 
     #[test]

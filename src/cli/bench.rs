@@ -12,7 +12,7 @@ use serde::Serialize;
 use ubd::device::{Command, Device, DeviceOptions, Flags, Reply, Request, Sink};
 
 use super::units::{format_size, parse_size};
-use super::{CacheArg, Outcome, Output};
+use super::{BackingDir, CacheArg, Outcome, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +72,8 @@ pub struct Args {
     /// Use this backing file instead of the one the overlay names.
     #[arg(long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Seed of the offset generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -321,6 +323,7 @@ pub fn run(args: Args) -> Outcome {
     let opts = DeviceOptions {
         read_only: !writes,
         backing: args.backing.clone(),
+        backing_dir: args.backing_dir.dir.clone(),
         cache: args.cache.mode(),
         pool_size: args.pool_size as usize,
         max_requests: args.queue_depth.max(4) + 1,

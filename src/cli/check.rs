@@ -1,14 +1,14 @@
 //! `ubd check`: is an overlay sound, and does its backing file still match?
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use ubd::image::{BackingState, CowImage, Image, ImageError};
+use ubd::image::{CowImage, Image, ImageError};
 use ubd_cow::CowError;
 
 use super::progress::Progress;
 use super::units::format_size;
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Exit code: the overlay is sound and its backing file matches.
 const CLEAN: u8 = 0;
@@ -16,7 +16,8 @@ const CLEAN: u8 = 0;
 // from main's error path.
 /// Exit code: the overlay is corrupt.
 const CORRUPT: u8 = 2;
-/// Exit code: the overlay is sound but its backing file is missing or changed.
+/// Exit code: the overlay is sound but its backing file is missing, changed
+/// or refused (not a regular file, or outside --backing-dir).
 const BACKING: u8 = 3;
 
 /// Check an overlay for damage and a changed backing file.
@@ -25,10 +26,12 @@ const BACKING: u8 = 3;
 /// (header, bitmap and data area), that no bitmap bit is set past the last
 /// sector, and that the backing file exists with the size and mtime (whole
 /// seconds) recorded when the overlay was made: UML refuses the pair otherwise.
+/// A backing file that is not a regular file, or (with --backing-dir) whose
+/// resolved path is outside DIR, is refused.
 ///
 /// Exit status: 0 clean; 1 the check could not run; 2 the overlay is corrupt;
-/// 3 the overlay is sound but its backing file is missing or changed. The
-/// reason is printed on one line.
+/// 3 the overlay is sound but its backing file is missing, changed or
+/// refused. The reason is printed on one line.
 ///
 /// Example:
 ///   ubd check overlay.cow
@@ -40,6 +43,8 @@ pub struct Args {
     /// (for a backing file that has moved, as UML's second name allows).
     #[arg(short, long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Report as text or JSON.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -60,7 +65,8 @@ struct Report {
 /// Runs the checks in order of gravity and returns the first finding.
 fn examine(
     cow: &CowImage,
-    backing: Option<&std::path::Path>,
+    backing: Option<&Path>,
+    dir: Option<&Path>,
 ) -> Result<(u8, String, Option<u64>), ImageError> {
     let g = &cow.geometry;
     if let Err(e) = cow.check_len() {
@@ -107,7 +113,13 @@ fn examine(
         ));
     }
     let path = cow.backing_path(backing);
-    let state = BackingState::of(&cow.header, path);
+    let state = match cow.backing(backing, dir) {
+        Ok(examined) => examined.state,
+        Err(ImageError::BackingRefused { refusal, .. }) => {
+            return Ok((BACKING, refusal.to_string(), present));
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(problem) = state.problem(&cow.header, path) {
         return Ok((BACKING, problem, present));
     }
@@ -127,7 +139,7 @@ fn examine(
 
 pub fn run(args: Args) -> Outcome {
     let (code, message, sectors_present) = match Image::probe(&args.file) {
-        Ok(Image::Cow(cow)) => examine(&cow, args.backing.as_deref())?,
+        Ok(Image::Cow(cow)) => examine(&cow, args.backing.as_deref(), args.backing_dir.get())?,
         Ok(Image::Raw(_)) => (
             CORRUPT,
             format!(

@@ -14,7 +14,7 @@ use ubd_cow::Bitmap;
 
 use super::progress::{Progress, catch_interrupts, interrupted};
 use super::units::format_size;
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Bytes per copy op, and copies in flight.
 const PIECE: u64 = 4 << 20;
@@ -41,6 +41,8 @@ pub struct Args {
     /// Merge into this file instead of the backing file the header names.
     #[arg(short, long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Delete the overlay after the commit.
     #[arg(long, conflicts_with = "reset")]
     discard_overlay: bool,
@@ -213,21 +215,39 @@ pub fn run(args: Args) -> Outcome {
         }
     };
     cow.check_len()?;
-    let backing = image::resolve(cow.backing_path(args.backing.as_deref()))?;
+    let named = cow.backing_path(args.backing.as_deref());
+    let backing = image::resolve(named)?;
+    let dir = args.backing_dir.get();
+    let examined = cow.backing(args.backing.as_deref(), dir)?;
     let marker = marker_path(&args.file);
     let resuming = fs::read_to_string(&marker)
         .is_ok_and(|text| text == marker_text(&backing, cow.header.size));
     // The overlay exclusively (no server or UML may have it), the backing
     // file exclusively (nothing may read it while it changes).
     let cow_file = Arc::new(open_locked(&args.file, LockKind::Exclusive)?);
-    let state = BackingState::of(&cow.header, &backing);
+    let state = examined.state;
     let resumable = matches!(state, BackingState::MtimeDiffers { .. }) && resuming;
     if let Some(problem) = state.problem(&cow.header, &backing)
         && !resumable
     {
         return Err(format!("{}: {problem}; refusing to commit", args.file.display()).into());
     }
-    let backing_file = Arc::new(open_locked(&backing, LockKind::Exclusive)?);
+    let Some(resolved) = examined.resolved else {
+        return Err(format!(
+            "{}: backing file {} cannot be resolved; refusing to commit",
+            args.file.display(),
+            named.display()
+        )
+        .into());
+    };
+    let backing_file = image::open_vetted(&args.file, named, &resolved, dir, true, false)?;
+    image::lock(
+        &backing_file,
+        &resolved,
+        LockKind::Exclusive,
+        Duration::from_secs(2),
+    )?;
+    let backing_file = Arc::new(backing_file);
     let mut bitmap = image::bitmap_buffer(&args.file, cow.geometry.bitmap_len)?;
     let got = image::read_full_at(&cow_file, &mut bitmap, cow.geometry.bitmap_offset)
         .map_err(|e| format!("{}: cannot read the bitmap: {e}", args.file.display()))?;

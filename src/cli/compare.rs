@@ -9,7 +9,7 @@ use ubd::device::{Device, DeviceOptions};
 
 use super::progress::{Progress, catch_interrupts, interrupted};
 use super::units::format_size;
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Exit code: the images read the same.
 const IDENTICAL: u8 = 0;
@@ -55,6 +55,8 @@ pub struct Args {
     /// Report as text or JSON.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// The first overlay or raw image.
     a: PathBuf,
     /// The second overlay or raw image.
@@ -248,9 +250,10 @@ fn compare(
     Ok(Verdict::Identical)
 }
 
-fn open(path: &Path) -> Result<Device, Failure> {
+fn open(path: &Path, backing_dir: &BackingDir) -> Result<Device, Failure> {
     let opts = DeviceOptions {
         read_only: true,
+        backing_dir: backing_dir.dir.clone(),
         // Enough for one PIECE-sized read in one request.
         pool_size: 16 << 20,
         cache: ubd::image::Cache::Writeback,
@@ -261,11 +264,11 @@ fn open(path: &Path) -> Result<Device, Failure> {
 
 /// Opens both images and compares them: the verdict and the two sizes.
 fn examine(args: &Args) -> (Result<Verdict, Failure>, Option<u64>, Option<u64>) {
-    let a = match open(&args.a) {
+    let a = match open(&args.a, &args.backing_dir) {
         Ok(dev) => dev,
         Err(e) => return (Err(e), None, None),
     };
-    let b = match open(&args.b) {
+    let b = match open(&args.b, &args.backing_dir) {
         Ok(dev) => dev,
         Err(e) => return (Err(e), Some(a.capacity()), None),
     };

@@ -18,7 +18,7 @@ use ubd::image::{self, Image, ImageError, LockKind};
 
 use super::progress::{Progress, catch_interrupts, interrupted};
 use super::units::format_size;
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Bytes read (and compared) at a time.
 const PIECE: u64 = 4 << 20;
@@ -88,6 +88,8 @@ pub struct Args {
     /// base the new overlay reads unchanged sectors from (required).
     #[arg(short, long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Replace the file to be written if it exists. A file another process
     /// holds locked, the source and its backing file are never replaced.
     #[arg(short, long)]
@@ -143,7 +145,14 @@ pub fn run(args: Args) -> Outcome {
                 )
                 .into());
             }
-            import(raw, base, &args.source, args.force, args.output)
+            import(
+                raw,
+                base,
+                &args.source,
+                args.backing_dir.get(),
+                args.force,
+                args.output,
+            )
         }
         None => {
             let Some(target) = &args.target else {
@@ -156,6 +165,7 @@ pub fn run(args: Args) -> Outcome {
             merge(
                 &args.source,
                 args.backing.as_deref(),
+                args.backing_dir.get(),
                 target,
                 args.force,
                 args.output,
@@ -306,6 +316,7 @@ enum Merged {
 fn merge(
     source: &Path,
     backing: Option<&Path>,
+    backing_dir: Option<&Path>,
     target: &Path,
     force: bool,
     output: Output,
@@ -333,6 +344,7 @@ fn merge(
     let opts = DeviceOptions {
         read_only: true,
         backing: backing.map(Path::to_path_buf),
+        backing_dir: backing_dir.map(Path::to_path_buf),
         ..Default::default()
     };
     let dev = Device::open(source, &opts).map_err(|e| device_err(source, e))?;
@@ -444,8 +456,17 @@ fn read_padded(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<
     Ok(())
 }
 
-fn import(raw: &Path, base: &Path, cow: &Path, force: bool, output: Output) -> Outcome {
+fn import(
+    raw: &Path,
+    base: &Path,
+    cow: &Path,
+    backing_dir: Option<&Path>,
+    force: bool,
+    output: Output,
+) -> Outcome {
     catch_interrupts();
+    // BASE is read here, and is the new overlay's backing file.
+    let base_resolved = image::vet(cow, base, backing_dir)?;
     if let Image::Cow(_) = Image::probe(raw)? {
         return Err(format!(
             "{} is a UML COW overlay, not a raw image: `ubd convert {} OUT` makes a raw image of it",
@@ -455,7 +476,7 @@ fn import(raw: &Path, base: &Path, cow: &Path, force: bool, output: Output) -> O
         .into());
     }
     let raw_file = File::open(raw).map_err(io_err(raw, "cannot open"))?;
-    let base_file = File::open(base).map_err(io_err(base, "cannot open"))?;
+    let base_file = image::open_vetted(cow, base, &base_resolved, backing_dir, false, false)?;
     let raw_len = image::stamp(raw)?.size;
     let base_len = image::stamp(base)?.size;
     if raw_len != base_len {
@@ -480,6 +501,7 @@ fn import(raw: &Path, base: &Path, cow: &Path, force: bool, output: Output) -> O
     let header = image::create_overlay(cow, base, force)?;
     let opts = DeviceOptions {
         read_only: false,
+        backing_dir: backing_dir.map(Path::to_path_buf),
         ..Default::default()
     };
     let dev = match Device::open(cow, &opts) {

@@ -5,19 +5,21 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
-use ubd::image::{BackingState, CowImage, Image, RawImage};
+use ubd::image::{BackingState, CowImage, Examined, Image, RawImage};
 
 use super::units::format_size;
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Show what an overlay or raw image holds.
 ///
 /// For an overlay: its format version, the backing file it names (the file
-/// that will be read for unwritten sectors) with the size and mtime recorded
-/// for it, whether the file on disk still matches them, the layout (sector
-/// size, alignment, bitmap and data offsets), how many sectors the overlay
-/// holds, and how much disk space it takes. A file without COW magic is
-/// reported as a raw image.
+/// that will be read for unwritten sectors; where it resolves to, when that
+/// differs) with the size and mtime recorded for it, whether the file on disk
+/// still matches them, the layout (sector size, alignment, bitmap and data
+/// offsets), how many sectors the overlay holds, and how much disk space it
+/// takes. A file without COW magic is reported as a raw image. A backing file
+/// that is not a regular file, or (with --backing-dir) is outside DIR, is
+/// refused.
 ///
 /// Example:
 ///   ubd info overlay.cow
@@ -29,6 +31,8 @@ pub struct Args {
     /// (for a backing file that has moved).
     #[arg(short, long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Report as text or JSON.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -58,6 +62,9 @@ struct CowReport {
     layout: &'static str,
     magic_byte_order: &'static str,
     backing_file: String,
+    /// The file reads would go to: `backing_file` with symlinks and `..`
+    /// resolved; null when it does not resolve (a missing file).
+    backing_resolved: Option<String>,
     backing_size: u64,
     backing_mtime: u32,
     sector_size: u32,
@@ -82,11 +89,18 @@ fn raw_report(raw: &RawImage) -> Report {
     }
 }
 
-fn cow_report(cow: &CowImage, backing: Option<&Path>) -> Result<Report, ubd::image::ImageError> {
+fn cow_report(
+    cow: &CowImage,
+    backing: Option<&Path>,
+    dir: Option<&Path>,
+) -> Result<Report, ubd::image::ImageError> {
     let scan = cow.scan_bitmap()?;
     let (h, g) = (&cow.header, &cow.geometry);
-    let backing_path = cow.backing_path(backing);
-    let state = BackingState::of(h, backing_path);
+    let Examined {
+        named,
+        resolved,
+        state,
+    } = cow.backing(backing, dir)?;
     Ok(Report {
         filename: cow.path.to_string_lossy().into_owned(),
         format: "cow",
@@ -97,7 +111,8 @@ fn cow_report(cow: &CowImage, backing: Option<&Path>) -> Result<Report, ubd::ima
             version: h.version.number(),
             layout: h.version.name(),
             magic_byte_order: h.magic_order.name(),
-            backing_file: backing_path.to_string_lossy().into_owned(),
+            backing_file: named.to_string_lossy().into_owned(),
+            backing_resolved: resolved.map(|p| p.to_string_lossy().into_owned()),
             backing_size: h.size,
             backing_mtime: h.mtime,
             sector_size: h.sector_size,
@@ -108,7 +123,7 @@ fn cow_report(cow: &CowImage, backing: Option<&Path>) -> Result<Report, ubd::ima
             sectors_present: scan.present,
             sectors_total: g.sectors,
             backing_matches: state == BackingState::Matches,
-            backing_problem: state.problem(h, backing_path),
+            backing_problem: state.problem(h, &named),
         }),
     })
 }
@@ -132,6 +147,10 @@ fn print_human(r: &Report) {
             UNIX_EPOCH + Duration::from_secs(u64::from(c.backing_mtime)),
         );
         println!("backing file: {}", c.backing_file);
+        match &c.backing_resolved {
+            Some(r) if *r != c.backing_file => println!("backing file resolves to: {r}"),
+            _ => {}
+        }
         println!("backing size: {}", sized(c.backing_size));
         println!("backing mtime: {when} ({})", c.backing_mtime);
         match &c.backing_problem {
@@ -164,7 +183,7 @@ fn print_human(r: &Report) {
 pub fn run(args: Args) -> Outcome {
     let report = match Image::probe(&args.file)? {
         Image::Raw(raw) => raw_report(&raw),
-        Image::Cow(cow) => cow_report(&cow, args.backing.as_deref())?,
+        Image::Cow(cow) => cow_report(&cow, args.backing.as_deref(), args.backing_dir.get())?,
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

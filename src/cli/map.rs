@@ -9,7 +9,7 @@ use ubd::device::{Device, DeviceOptions, Extent};
 use ubd::image::Image;
 
 use super::units::format_size;
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Block status is asked for this much of the device at a time, so that a
 /// huge image never needs all its runs in one reply.
@@ -46,6 +46,8 @@ pub struct Args {
     /// (for a backing file that has moved; its size and mtime must match).
     #[arg(short, long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Report as text or JSON.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -229,6 +231,7 @@ pub fn run(args: Args) -> Outcome {
     let opts = DeviceOptions {
         read_only: true,
         backing: args.backing.clone(),
+        backing_dir: args.backing_dir.dir.clone(),
         // Block status moves no data: a small pool is enough.
         pool_size: 1 << 20,
         ..Default::default()

@@ -14,6 +14,8 @@ pub mod rebase;
 pub mod serve;
 pub mod units;
 
+use std::path::{Path, PathBuf};
+
 use clap::ValueEnum;
 
 /// How a verb reports: for people or for programs.
@@ -27,6 +29,22 @@ pub enum Output {
 /// What a verb returns: its exit code, or an error that becomes one line on
 /// stderr and exit code 1.
 pub type Outcome = Result<u8, Box<dyn std::error::Error>>;
+
+/// `--backing-dir DIR`, for every verb that reads an overlay's backing file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct BackingDir {
+    /// Read a backing file only if its fully resolved path (symlinks and
+    /// `..` resolved) is inside DIR: the one an overlay names and --backing
+    /// alike. For overlays from someone else.
+    #[arg(long = "backing-dir", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+impl BackingDir {
+    pub fn get(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+}
 
 /// Host page cache use, with the names qemu users know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]

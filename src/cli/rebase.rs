@@ -8,7 +8,7 @@ use std::time::Duration;
 use ubd::image::{self, BackingState, Image, LockKind};
 use ubd_cow::{Header, Version};
 
-use super::{Outcome, Output};
+use super::{BackingDir, Outcome, Output};
 
 /// Point an overlay at a backing file that has moved.
 ///
@@ -31,6 +31,8 @@ pub struct Args {
     /// The backing file's new place.
     #[arg(short, long, value_name = "NEW")]
     backing: PathBuf,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Accept a NEW whose mtime differs (see above for what that risks).
     #[arg(long = "unsafe")]
     unsafe_: bool,
@@ -56,6 +58,8 @@ pub fn run(args: Args) -> Outcome {
         )
         .into());
     }
+    // NEW must be a regular file (inside --backing-dir, if given).
+    image::vet(&args.file, &args.backing, args.backing_dir.get())?;
     let new = image::resolve(&args.backing)?;
     let stamp = image::stamp(&new)?;
     let mut mtime = cow.header.mtime;

@@ -10,7 +10,7 @@ use ubd::nbd::export::{Export, Exports};
 use ubd::nbd::server::{self, Listener};
 
 use super::units::{format_size, parse_size};
-use super::{CacheArg, Outcome};
+use super::{BackingDir, CacheArg, Outcome};
 
 /// The port NBD servers listen on by default.
 const NBD_PORT: u16 = 10809;
@@ -66,6 +66,8 @@ pub struct Args {
     /// export only).
     #[arg(long, value_name = "PATH")]
     backing: Option<PathBuf>,
+    #[command(flatten)]
+    backing_dir: BackingDir,
     /// Write the server's pid here once it is serving; removed at exit.
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
@@ -138,6 +140,7 @@ pub fn run(args: Args) -> Outcome {
         device: DeviceOptions {
             read_only: args.read_only,
             backing: args.backing,
+            backing_dir: args.backing_dir.dir,
             cache: args.cache.mode(),
             pool_size: args.pool_size as usize,
             max_connections: args.max_connections.max(1),
@@ -196,9 +199,14 @@ pub fn serve(plan: Plan) -> Outcome {
     let mut exports = Vec::new();
     for (name, file) in &plan.exports {
         let device = Device::open(file, &plan.device)?;
+        let backing = match device.backing_file() {
+            Some(b) => b.display().to_string(),
+            None => "none (a raw image)".to_string(),
+        };
         tracing::info!(
             export = %name,
             file = %file.display(),
+            backing = %backing,
             size = %format_size(device.capacity()),
             read_only = device.read_only(),
             "opened"

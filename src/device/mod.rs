@@ -133,6 +133,9 @@ pub struct DeviceOptions {
     pub read_only: bool,
     /// Use this backing file instead of the one the overlay names.
     pub backing: Option<PathBuf>,
+    /// Read a backing file only from inside this directory (see
+    /// [`image::OpenOptions::backing_dir`]).
+    pub backing_dir: Option<PathBuf>,
     pub cache: Cache,
     /// Bytes of buffer pool (preallocated, registered with the ring).
     pub pool_size: usize,
@@ -162,6 +165,7 @@ impl Default for DeviceOptions {
         DeviceOptions {
             read_only: false,
             backing: None,
+            backing_dir: None,
             cache: Cache::None,
             pool_size: 64 << 20,
             chunk_size: 128 << 10,
@@ -213,6 +217,7 @@ pub struct Device {
     closing: Arc<AtomicBool>,
     worker: Mutex<Option<JoinHandle<Result<(), Errno>>>>,
     path: PathBuf,
+    backing: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Device {
@@ -232,6 +237,7 @@ impl Device {
             &image::OpenOptions {
                 read_only: opts.read_only,
                 backing: opts.backing.clone(),
+                backing_dir: opts.backing_dir.clone(),
                 cache: opts.cache,
                 lock_wait: opts.lock_wait,
             },
@@ -251,6 +257,7 @@ impl Device {
         // One sector of alignment slack on each side of a request.
         let max_io = (reserve * chunk_size) as u64 - 1024;
         let (capacity, read_only) = (img.capacity, img.read_only);
+        let backing = img.overlay.as_ref().map(|o| o.backing.path.clone());
         let intake = Arc::new(Intake::default());
         let closing = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(Sequencer::new());
@@ -310,7 +317,14 @@ impl Device {
             closing,
             worker: Mutex::new(Some(handle)),
             path: path.to_path_buf(),
+            backing,
         })
+    }
+
+    /// The backing file reads go to, fully resolved (symlinks and `..`);
+    /// `None` for a raw image.
+    pub fn backing_file(&self) -> Option<&Path> {
+        self.backing.as_deref()
     }
 
     /// The device's size in bytes.

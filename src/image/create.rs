@@ -88,6 +88,8 @@ fn fill_target(
 /// bitmap and a sparse data area, `data_offset + size` bytes in all, synced.
 pub fn create_overlay(cow: &Path, backing: &Path, force: bool) -> Result<Header, ImageError> {
     let resolved = backing::resolve(backing)?;
+    // Only a regular file can be a backing file.
+    backing::vet(cow, backing, None)?;
     let stamp = backing::stamp(&resolved)?;
     let mtime = u32::try_from(stamp.mtime).map_err(|_| ImageError::MtimeOutOfRange {
         path: resolved.clone(),

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use ubd_cow::{Bitmap, CowError, Geometry, Header, MAX_HEADER_SIZE};
 
-pub use backing::{BackingState, Stamp, resolve, stamp};
+pub use backing::{
+    BackingState, Examined, Refusal, Stamp, examine, open_vetted, resolve, stamp, vet,
+};
 pub use create::{create_overlay, create_raw};
 pub use lock::{LockKind, lock};
 pub use open::{Cache, ImageFile, OpenImage, OpenOptions, Overlay, open};
@@ -53,22 +55,41 @@ pub enum ImageError {
     BackingMismatch { path: PathBuf, problem: String },
     #[error("{}: mtime {mtime} does not fit the COW format's 32-bit field (touch the file to give it a current mtime)", path.display())]
     MtimeOutOfRange { path: PathBuf, mtime: i64 },
+    /// The backing file an overlay names fails a trust check.
+    #[error("{}", overlay.display())]
+    BackingRefused {
+        overlay: PathBuf,
+        #[source]
+        refusal: Refusal,
+    },
 }
 
 /// A zeroed buffer for `path`'s bitmap of `len` bytes, or a clear error when
-/// the header claims a bitmap too large to hold (a lying or huge header).
+/// the header claims a bitmap too large to hold (a lying or huge header): more
+/// than half this machine's memory, or more than an allocation can get.
 pub fn bitmap_buffer(path: &Path, len: u64) -> Result<Vec<u8>, ImageError> {
-    let too_big = || ImageError::Io {
+    let limit = nix::sys::sysinfo::sysinfo().map_or(u64::MAX, |s| s.ram_total() / 2);
+    bitmap_buffer_within(path, len, limit)
+}
+
+fn bitmap_buffer_within(path: &Path, len: u64, limit: u64) -> Result<Vec<u8>, ImageError> {
+    let too_big = |why: String| ImageError::Io {
         path: path.to_path_buf(),
         op: "cannot hold the bitmap in memory",
         source: io::Error::new(
             io::ErrorKind::OutOfMemory,
-            format!("the header claims a {len}-byte bitmap"),
+            format!("the header claims a {len}-byte bitmap{why}"),
         ),
     };
-    let len = usize::try_from(len).map_err(|_| too_big())?;
+    if len > limit {
+        return Err(too_big(format!(
+            ", more than half this machine's memory ({limit} bytes)"
+        )));
+    }
+    let len = usize::try_from(len).map_err(|_| too_big(String::new()))?;
     let mut buf = Vec::new();
-    buf.try_reserve_exact(len).map_err(|_| too_big())?;
+    buf.try_reserve_exact(len)
+        .map_err(|_| too_big(String::new()))?;
     buf.resize(len, 0);
     Ok(buf)
 }
@@ -191,6 +212,22 @@ impl CowImage {
         override_path.unwrap_or(&self.header.backing_file)
     }
 
+    /// The backing file to read (`override_path`, else the header's) and how
+    /// it compares with the header, under the trust checks of [`vet`] with
+    /// `dir` as the backing directory: a refused file is an error.
+    pub fn backing(
+        &self,
+        override_path: Option<&Path>,
+        dir: Option<&Path>,
+    ) -> Result<Examined, ImageError> {
+        examine(
+            &self.path,
+            &self.header,
+            self.backing_path(override_path),
+            dir,
+        )
+    }
+
     /// Checks that the file holds at least its header and bitmap.
     pub fn check_len(&self) -> Result<(), ImageError> {
         self.geometry
@@ -254,5 +291,30 @@ impl CowImage {
             done(len as u64);
         }
         Ok(scan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bitmap_over_the_limit_is_refused_before_any_allocation() {
+        let path = Path::new("lying.cow");
+        assert_eq!(bitmap_buffer_within(path, 4096, 4096).unwrap().len(), 4096);
+        let err = bitmap_buffer_within(path, 4097, 4096).unwrap_err();
+        let line = crate::error_chain(&err);
+        assert!(
+            line.starts_with("lying.cow: cannot hold the bitmap in memory")
+                && line.contains("4097-byte bitmap")
+                && line.contains("(4096 bytes)"),
+            "{line}"
+        );
+        // Past what an allocation can get, whatever the limit.
+        let err = bitmap_buffer_within(path, u64::MAX, u64::MAX).unwrap_err();
+        assert!(crate::error_chain(&err).contains("cannot hold the bitmap"));
+        // The real limit is half the memory: a claim of all of it is refused.
+        let ram = nix::sys::sysinfo::sysinfo().unwrap().ram_total();
+        assert!(bitmap_buffer(path, ram).is_err());
     }
 }

@@ -7,9 +7,13 @@
 //! Direct I/O (`cache=none`) is used for a file only where `statx` says the file
 //! system takes it at sector alignment and, for an overlay, where the format's
 //! alignment keeps bitmap pages and data pages apart (v3's 4096).
+//!
+//! The backing file goes through the trust checks of [`super::vet`] and
+//! [`super::open_vetted`]: only a regular file is read, with a backing
+//! directory only one inside it, and the file opened is the one checked.
 
 use std::fs::{self, File};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +39,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Use this backing file instead of the one the header names.
     pub backing: Option<PathBuf>,
+    /// Read a backing file only if its fully resolved path is inside this
+    /// directory (the header's path and `backing` alike).
+    pub backing_dir: Option<PathBuf>,
     pub cache: Cache,
     /// How long to retry a lock another process holds (a killed server's
     /// io_uring teardown releases its locks a little after it is gone).
@@ -109,6 +116,70 @@ fn len_of(file: &File, path: &Path) -> Result<u64, ImageError> {
     })
 }
 
+/// Opens the backing file `named` of the overlay at `overlay`, read-only
+/// under a shared lock, once it passes the trust checks and matches the
+/// header's size and mtime (checked again on the open file, so a file swapped
+/// in meanwhile is refused too). Returns the resolved path, the file and
+/// whether it is in direct I/O.
+fn open_backing(
+    overlay: &Path,
+    header: &Header,
+    named: &Path,
+    opts: &OpenOptions,
+) -> Result<(PathBuf, File, bool), ImageError> {
+    let dir = opts.backing_dir.as_deref();
+    let examined = super::examine(overlay, header, named, dir)?;
+    let mismatch = |state: BackingState| {
+        state
+            .problem(header, named)
+            .map(|problem| ImageError::BackingMismatch {
+                path: overlay.to_path_buf(),
+                problem,
+            })
+    };
+    if let Some(e) = mismatch(examined.state) {
+        return Err(e);
+    }
+    let Some(resolved) = examined.resolved else {
+        // A file that matches has resolved.
+        return Err(ImageError::BackingMismatch {
+            path: overlay.to_path_buf(),
+            problem: format!("backing file {} cannot be resolved", named.display()),
+        });
+    };
+    let file = super::open_vetted(overlay, named, &resolved, dir, false, false)?;
+    let io_err = |op, source| ImageError::Io {
+        path: resolved.clone(),
+        op,
+        source,
+    };
+    let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
+    // Direct I/O only where the file system takes it at sector alignment,
+    // on the same file.
+    let direct_ok = opts.cache == Cache::None
+        && dio_align(&file).is_some_and(|a| a.offset <= 512 && a.mem <= 4096);
+    let (file, direct) =
+        match direct_ok.then(|| super::open_vetted(overlay, named, &resolved, dir, false, true)) {
+            Some(Ok(d)) if d.metadata().is_ok_and(|m| same_inode(&m, &meta)) => (d, true),
+            _ => (file, false),
+        };
+    lock(&file, &resolved, LockKind::Shared, opts.lock_wait)?;
+    // The file opened must still be the one that matched.
+    let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
+    let on_disk = super::Stamp {
+        size: meta.len(),
+        mtime: meta.mtime(),
+    };
+    if let Some(e) = mismatch(BackingState::compare(header, on_disk)) {
+        return Err(e);
+    }
+    Ok((resolved, file, direct))
+}
+
+fn same_inode(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
 /// Opens `path` (an overlay or a raw image) for I/O.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
     let write = !opts.read_only;
@@ -161,24 +232,11 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
     let len = len_of(&probe, path)?;
     geometry.check_file_len(len).map_err(format_err)?;
 
-    let backing_path = opts
+    let named = opts
         .backing
         .clone()
         .unwrap_or_else(|| header.backing_file.clone());
-    if let Some(problem) = BackingState::of(&header, &backing_path).problem(&header, &backing_path)
-    {
-        return Err(ImageError::BackingMismatch {
-            path: path.to_path_buf(),
-            problem,
-        });
-    }
-    let (backing_file, backing_direct) = open_file(&backing_path, false, opts.cache)?;
-    lock(
-        &backing_file,
-        &backing_path,
-        LockKind::Shared,
-        opts.lock_wait,
-    )?;
+    let (backing_path, backing_file, backing_direct) = open_backing(path, &header, &named, opts)?;
     let backing_len = len_of(&backing_file, &backing_path)?;
 
     let mut bitmap = super::bitmap_buffer(path, geometry.bitmap_len)?;

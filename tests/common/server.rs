@@ -128,6 +128,44 @@ impl Server {
     }
 }
 
+/// Runs `ubd serve ARGS... --socket SOCKET` that must refuse to start: it
+/// has to exit within 10 s without ever accepting a connection. Returns its
+/// exit code (`None` if killed by a signal) and its stderr.
+pub fn serve_refused<S: AsRef<std::ffi::OsStr>>(
+    socket: &Path,
+    args: &[S],
+) -> (Option<i32>, String) {
+    let mut cmd = ubd();
+    cmd.arg("serve")
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let command = command_line(&cmd);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if UnixStream::connect(socket).is_ok() || start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command} did not refuse at once: it is serving, or still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    if let Some(err) = child.stderr.as_mut() {
+        let _ = err.read_to_string(&mut stderr);
+    }
+    (status.code(), stderr)
+}
+
 /// Sends a signal by name (`"INT"`, `"TERM"`, `"KILL"`) to a process, with
 /// the `kill` command (tests keep no `unsafe`).
 pub fn signal(pid: u32, name: &str) {
