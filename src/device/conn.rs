@@ -166,6 +166,10 @@ impl MemLine {
     }
 
     fn leave(&mut self, conn: u32) {
+        if self.queue.front() == Some(&conn) {
+            // The next head has not said what it needs yet.
+            self.need = 0;
+        }
         self.queue.retain(|&c| c != conn);
     }
 
