@@ -105,7 +105,7 @@ def parse_size(text):
     return int(text)
 
 
-def pick_range(rng, lo, hi, kind):
+def pick_range(rng, lo, hi, kind, long_lengths):
     """Offset and length inside [lo, hi)."""
     room = hi - lo
     r = rng.random()
@@ -116,9 +116,32 @@ def pick_range(rng, lo, hi, kind):
         off = lo + rng.randrange((room - length) // SECTOR + 1) * SECTOR
         return off, length
     # Any offset and length: partial sectors at either end.
-    maxlen = 700 if r < 0.85 else 70000
-    length = rng.randint(1, min(maxlen, room))
+    length = rng.randint(1, 700) if r < 0.85 else rng.choice(long_lengths)
+    length = min(length, room)
     return lo + rng.randrange(room - length + 1), length
+
+
+class Bank:
+    """Write payloads: python3-libnbd 1.14 never releases a buffer passed to
+    aio_pwrite, so writes reuse these (a few per length, slices of one random
+    block without zero bytes) instead of leaking their data."""
+
+    BLOCK = 1 << 20
+    VARIANTS = 4
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.view = memoryview(rng.randbytes(self.BLOCK).replace(b"\0", b"\x01"))
+        self.by_len = {}
+
+    def get(self, length):
+        """(nbd.Buffer, its bytes) of `length` bytes."""
+        have = self.by_len.setdefault(length, [])
+        if len(have) < self.VARIANTS:
+            at = self.rng.randrange(self.BLOCK - length + 1)
+            data = self.view[at : at + length]
+            have.append((nbd.Buffer.from_buffer(data), data))
+        return self.rng.choice(have)
 
 
 class Crash:
@@ -147,6 +170,8 @@ class Crash:
         self.sock = os.path.join(self.dir, "nbd.sock")
         self.log = os.path.join(self.dir, "serve.log")
         self.base = random_file(self.base_path, self.size, args.seed)
+        self.bank = Bank(random.Random(self.rng.getrandbits(64)))
+        self.long_lengths = [self.rng.randint(701, 70000) for _ in range(256)]
 
     def tick(self):
         self.event += 1
@@ -193,7 +218,7 @@ class Crash:
                     lo, hi = run.zone
                 else:
                     lo, hi = run.window
-                off, length = pick_range(rng, lo, hi, kind)
+                off, length = pick_range(rng, lo, hi, kind, self.long_lengths)
                 if all(off + length <= o.off or o.off + o.len <= off for o in run.inflight):
                     break
             else:
@@ -203,9 +228,9 @@ class Crash:
                 if any(off < o.off + o.len and o.off < off + length for o in run.inflight):
                     return False
             fua = rng.random() < (0.125 if kind != "T" else 0.1)
-            data = None
+            buf = data = None
             if kind == "W":
-                data = rng.randbytes(length).replace(b"\0", b"\x01")
+                buf, data = self.bank.get(length)
             op = Op(kind, off, length, fua, data, 0)
         flags = nbd.CMD_FLAG_FUA if op.fua else 0
 
@@ -223,7 +248,7 @@ class Crash:
         if op.kind == "F":
             h.aio_flush(completion=done)
         elif op.kind == "W":
-            h.aio_pwrite(nbd.Buffer.from_buffer(op.data), op.off, completion=done, flags=flags)
+            h.aio_pwrite(buf, op.off, completion=done, flags=flags)
         elif op.kind == "Z":
             if rng.random() < 0.5:
                 flags |= nbd.CMD_FLAG_NO_HOLE
@@ -368,7 +393,7 @@ class Crash:
             pinned = False
             zero = bytes(b - a)
             for op in touching:
-                value = zero if op.kind != "W" else op.data[a - op.off : b - op.off]
+                value = zero if op.kind != "W" else bytes(op.data[a - op.off : b - op.off])
                 what = op.describe(committed(op))
                 if op.kind == "T":
                     cands.append((zero, what))

@@ -1,6 +1,7 @@
 """Helpers shared by the reliability drivers: run `ubd serve`, wait for it,
 sample its memory and file descriptors."""
 
+import ctypes
 import os
 import signal
 import socket
@@ -10,6 +11,12 @@ import time
 
 class ServerError(Exception):
     pass
+
+
+def _die_with_parent():
+    """In the child: SIGKILL when the driver dies, so no server outlives it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Server:
@@ -23,7 +30,9 @@ class Server:
         cmd = list(prefix) + [ubd, "serve", image, "--socket", sock] + list(args)
         self.cmd = " ".join(cmd)
         with open(log, "ab") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent
+            )
         self.pid = self.proc.pid
 
     def uri(self):
