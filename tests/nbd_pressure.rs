@@ -9,13 +9,15 @@
 //!    connection's 16), every read checked byte for byte; then fio with
 //!    `--verify=crc32c`: 16 jobs of 32 MiB blocks at queue depth 4 on
 //!    disjoint regions (16 x 4 x 32 MiB = 2 GiB of fio buffers). Everything
-//!    must complete (a stall fails the test) without an error.
+//!    must complete (a stall fails the test) without an error, and the
+//!    server's peak RSS stay under 128 MiB.
 //! 2. The server under `prlimit --data` (RLIMIT_DATA: heap, thread stacks and
 //!    private writable mappings, the pool among them) of the pool plus
 //!    32 MiB: a limit below the pool makes it refuse to start with a clear
 //!    error; at pool + 32 MiB it serves a verified fio workload.
 //!    (RLIMIT_AS would also count 128 MiB of address space glibc reserves
-//!    for malloc arenas and never uses; no writable memory cgroup here.)
+//!    for malloc arenas and never uses; where the tests run, the memory
+//!    controller is on cgroup v1, so there is no memory.max to set.)
 //!
 //! `UBD_PRESSURE_ROUNDS` repeats the python workload (default 1).
 
@@ -182,6 +184,14 @@ fn a_one_chunk_pool_failing_every_allocation_serves_32_mib_requests_at_depth_16_
         ],
     );
     println!("fio: {} MiB moved and verified", moved / M);
+    // With 8 GiB in flight, the server held little more than its 128 KiB
+    // pool: it never buffers a request whole.
+    let peak = status_kib(server.pid(), "VmHWM").expect("VmHWM of the server");
+    println!("server peak RSS {} MiB", peak / 1024);
+    assert!(
+        peak < 128 * 1024,
+        "the server's peak RSS is {peak} KiB with a 128 KiB pool"
+    );
 
     let (status, stderr) = server.stop();
     assert!(

@@ -22,6 +22,8 @@ Bytes never written must read as the base (all zeros here).
 Client memory: B (region + 32 MiB) plus conns x READ_DEPTH read buffers of
 32 MiB: about 2.1 GiB with the defaults. Writes need no buffer of their own;
 reads do, so reads are capped at READ_DEPTH = 4 of the 16 in flight.
+(python3-libnbd 1.14 never releases a buffer given to aio_pread or
+aio_pwrite: read buffers are reused, and a write's buffer is a view of B.)
 
 Prints one line per round and last `RESULT {json}`; exit status 1 on a
 mismatch or an error reply. Nothing here times anything.
