@@ -77,6 +77,7 @@ pub fn run(args: Args) -> Outcome {
         device: DeviceOptions::default(),
         pid_file: None,
         max_connections: 64,
+        fail_alloc: false,
         banner: Some(banner),
     })
 }

@@ -80,6 +80,10 @@ pub struct Args {
     /// way); 0 turns polling off.
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
+    /// Testing aid: the buffer pool's fault injection (every buffer
+    /// allocation takes the reserve path, as under memory pressure).
+    #[arg(long)]
+    fail_alloc: bool,
 }
 
 /// What to serve and how, from `ubd serve` or `ubd demo`.
@@ -91,6 +95,8 @@ pub struct Plan {
     pub device: DeviceOptions,
     pub pid_file: Option<PathBuf>,
     pub max_connections: usize,
+    /// Switch on the buffer pool's fault injection on every export.
+    pub fail_alloc: bool,
     /// Printed on stdout once clients can connect (after the URIs).
     pub banner: Option<String>,
 }
@@ -149,6 +155,7 @@ pub fn run(args: Args) -> Outcome {
         },
         pid_file: args.pid_file,
         max_connections: args.max_connections.max(1),
+        fail_alloc: args.fail_alloc,
         banner: None,
     })
 }
@@ -199,6 +206,10 @@ pub fn serve(plan: Plan) -> Outcome {
     let mut exports = Vec::new();
     for (name, file) in &plan.exports {
         let device = Device::open(file, &plan.device)?;
+        device.pool().set_fail_ordinary(plan.fail_alloc);
+        if plan.fail_alloc {
+            tracing::warn!(export = %name, "--fail-alloc: every buffer allocation takes the reserve path");
+        }
         let backing = match device.backing_file() {
             Some(b) => b.display().to_string(),
             None => "none (a raw image)".to_string(),

@@ -243,7 +243,9 @@ impl Worker {
                 let s = own.as_mut_slice();
                 let end_in_last = (512 - tail_gap) as usize;
                 if single {
-                    s[head as usize..end_in_last].fill(0);
+                    // The old bytes are where they were read: the second
+                    // half when the request starts at the sector's start.
+                    s[tail_old + head as usize..tail_old + end_in_last].fill(0);
                 } else {
                     if head != 0 {
                         s[head as usize..512].fill(0);
@@ -254,7 +256,9 @@ impl Worker {
                 }
                 let first = sectors.start;
                 let last = sectors.end - 1;
-                if head != 0 || single {
+                if single {
+                    self.write_sector(slot, scratch, first, tail_old);
+                } else if head != 0 {
                     self.write_sector(slot, scratch, first, 0);
                 }
                 if tail_gap != 0 && !single {

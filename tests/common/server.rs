@@ -22,7 +22,25 @@ impl Server {
     /// the socket accepts a connection. Panics with the server's stderr if it
     /// exits first.
     pub fn start<S: AsRef<std::ffi::OsStr>>(socket: &Path, args: &[S]) -> Server {
-        let mut cmd = ubd();
+        Server::start_wrapped::<&str, S>(&[], socket, args)
+    }
+
+    /// Like [`Server::start`], run by `wrapper` (for example `prlimit
+    /// --data=N`), which must exec the server so that its pid is the
+    /// server's.
+    pub fn start_wrapped<W: AsRef<std::ffi::OsStr>, S: AsRef<std::ffi::OsStr>>(
+        wrapper: &[W],
+        socket: &Path,
+        args: &[S],
+    ) -> Server {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(rest).arg(super::ubd_bin());
+                cmd
+            }
+            None => ubd(),
+        };
         cmd.arg("serve")
             .args(args)
             .arg("--socket")
