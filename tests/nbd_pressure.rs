@@ -246,8 +246,9 @@ fn under_a_data_limit_of_the_pool_plus_32_mib_it_serves_a_verified_fio_workload(
     );
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_peak(server.pid(), "VmData", stop.clone());
-    // Six connections: each costs the server about 2.4 MiB of data limit
-    // (mostly its thread's 2 MiB stack, which it never fills).
+    // Six connections with requests up to 32 MiB, then 64 connections at
+    // once (each costs the server under 0.5 MiB of the limit: its thread's
+    // small stack and its table of replies owed).
     let moved = fio_verified(
         &server.uri(),
         dir.path(),
@@ -260,12 +261,26 @@ fn under_a_data_limit_of_the_pool_plus_32_mib_it_serves_a_verified_fio_workload(
             "--offset_increment=64M",
         ],
     );
+    let many = fio_verified(
+        &server.uri(),
+        dir.path(),
+        &[
+            "--rw=randrw",
+            "--bssplit=4k/50:1m/50",
+            "--iodepth=8",
+            "--numjobs=64",
+            "--size=8M",
+            "--offset_increment=8M",
+        ],
+    );
     stop.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap();
     println!(
-        "under a data limit of {} MiB: fio moved and verified {} MiB; server peak VmData {} MiB",
+        "under a data limit of {} MiB: fio moved and verified {} MiB on 6 connections, \
+         {} MiB on 64; server peak VmData {} MiB",
         limit / M,
         moved / M,
+        many / M,
         peak / 1024
     );
     assert!(peak > 0, "no VmData sample of the server");

@@ -10,7 +10,7 @@
 //! replies (or `DF`) the pieces go out in order as one run. The chunks of a
 //! piece that came early are held until its turn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, TryReserveError};
 
 use nix::errno::Errno;
 
@@ -82,12 +82,17 @@ pub struct Replies {
 }
 
 impl Replies {
-    pub fn new(style: Style) -> Replies {
-        Replies {
+    /// Room for the replies a connection may owe is reserved here, once;
+    /// an error when memory is short, so the connection is refused, not the
+    /// server aborted.
+    pub fn new(style: Style, owed_at_most: usize) -> Result<Replies, TryReserveError> {
+        let mut pending = HashMap::new();
+        pending.try_reserve(owed_at_most)?;
+        Ok(Replies {
             style,
-            pending: HashMap::with_capacity(1024),
+            pending,
             extents: Vec::new(),
-        }
+        })
     }
 
     fn chunk_style(&self) -> ChunkStyle {

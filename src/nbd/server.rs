@@ -336,6 +336,11 @@ pub fn run(
     result
 }
 
+/// Stack of a connection's thread, which only negotiates and then waits for
+/// the device's worker to serve the connection: small, as a process under a
+/// data limit pays for every stack it maps.
+const CONN_STACK: usize = 128 * 1024;
+
 fn spawn_connection(
     id: u64,
     stream: Stream,
@@ -350,6 +355,7 @@ fn spawn_connection(
         .insert(id, handle);
     let spawned = std::thread::Builder::new()
         .name(format!("ubd-nbd-{id}"))
+        .stack_size(CONN_STACK)
         .spawn({
             let registry = registry.clone();
             move || {

@@ -14,6 +14,7 @@
 //! go out; one that cannot get memory waits in the worker's FIFO line
 //! (invariant 4).
 
+use std::collections::TryReserveError;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -29,7 +30,8 @@ use super::handshake::{Session, Style};
 use super::replies::{Pending, Replies, piece_bounds, token};
 
 /// Replies one connection may owe at once; its input waits beyond this.
-const MAX_IN_FLIGHT: usize = 512;
+/// (448 fills a table of 512 buckets, reserved when the connection starts.)
+const MAX_IN_FLIGHT: usize = 448;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -61,7 +63,10 @@ fn allowed_flags(command: u16, style: Style, read_only: bool) -> u16 {
 /// started request has been answered and the device let the socket go.
 pub fn serve(socket: OwnedFd, buffered: Vec<u8>, session: &Session) -> End {
     let device = session.export.device.clone();
-    let conn = NbdConn::new(&device, session.style, session.contexts);
+    let conn = match NbdConn::new(&device, session.style, session.contexts) {
+        Ok(c) => c,
+        Err(e) => return End::Broken(format!("no memory for the connection's state: {e}")),
+    };
     let done = device.serve(socket, buffered, Box::new(conn));
     match done.wait() {
         ConnEnd::Done => End::Disconnect,
@@ -101,7 +106,11 @@ struct NbdConn {
 }
 
 impl NbdConn {
-    fn new(device: &Arc<Device>, style: Style, contexts: Contexts) -> NbdConn {
+    fn new(
+        device: &Arc<Device>,
+        style: Style,
+        contexts: Contexts,
+    ) -> Result<NbdConn, TryReserveError> {
         // The device takes at most `max_io` bytes, with sector slack on each side.
         let max_io = device.max_io();
         let piece_size = if max_io > 8192 {
@@ -112,7 +121,7 @@ impl NbdConn {
         // A client that does not read its replies keeps its READ buffers; half
         // the pool at most, so the other connections always have the rest.
         let pool = device.pool();
-        NbdConn {
+        Ok(NbdConn {
             style,
             contexts,
             capacity: device.capacity(),
@@ -121,10 +130,10 @@ impl NbdConn {
             read_budget: (pool.chunk_size() * pool.chunks() / 2) as u64,
             next_id: 0,
             current: None,
-            replies: Replies::new(style),
+            replies: Replies::new(style, MAX_IN_FLIGHT)?,
             owed: 0,
             read_owed: 0,
-        }
+        })
     }
 
     fn header_len(&self) -> usize {
