@@ -79,7 +79,15 @@ fn sixty_four_connections_at_depth_32_keep_memory_and_descriptors_flat() {
     run(ubd().arg("create").arg("--backing").arg(&base).arg(&cow));
     let server = Server::start(&dir.path().join("nbd.sock"), &[&cow]);
     let pid = server.pid();
-    let fds_before = fds(pid);
+    // The readiness probe's connection may still be closing: the fewest
+    // descriptors seen over a second.
+    let fds_before = (0..10)
+        .map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            fds(pid)
+        })
+        .min()
+        .unwrap_or(0);
 
     let json = dir.path().join("fio.json");
     let mut fio = Command::new("timeout")
@@ -149,7 +157,7 @@ fn sixty_four_connections_at_depth_32_keep_memory_and_descriptors_flat() {
     // After fio: its connections close, their descriptors with them.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut fds_after = fds(pid);
-    while fds_after != fds_before && Instant::now() < deadline {
+    while fds_after > fds_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         fds_after = fds(pid);
     }
@@ -212,8 +220,8 @@ fn sixty_four_connections_at_depth_32_keep_memory_and_descriptors_flat() {
         last.fds,
         trace(&samples)
     );
-    assert_eq!(
-        fds_after, fds_before,
+    assert!(
+        fds_after <= fds_before,
         "descriptors before fio {fds_before}, after it {fds_after}"
     );
     let (status, stderr) = server.stop();
