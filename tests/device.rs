@@ -584,3 +584,66 @@ fn write_zeroes_inside_one_sector_keeps_the_rest_of_it() {
     }
     f.assert_base_untouched();
 }
+
+/// The first small write into a MiB of the overlay may fill that MiB with
+/// zeros first (direct I/O): never where an earlier session left data, and
+/// never under writes in flight or after a TRIM punched part of it.
+#[test]
+fn first_writes_into_a_mib_keep_what_is_there() {
+    const MIB: usize = 1 << 20;
+    let f = fixture(4 * MIB, 5);
+    let mut model = model_of(&f);
+    let at = |mib: usize, sector: usize| mib * MIB + sector * SECTOR;
+    // Session 1: a write into MiB 1 and one into MiB 2, made durable.
+    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
+    for (i, p) in [at(1, 5), at(2, 1000)].into_iter().enumerate() {
+        let v = vec![0xA0 + i as u8; 4096];
+        dev.write_at(p as u64, &v, Flags::default()).unwrap();
+        model.write(p..p + v.len(), &v);
+    }
+    dev.flush().unwrap();
+    dev.close().unwrap();
+    // Session 2: small first writes into the same MiBs and into fresh ones,
+    // many at once; a TRIM in MiB 3 between writes there.
+    let dev = Arc::new(Device::open(&f.cow, &opts(false, Cache::None)).unwrap());
+    let mut handles = Vec::new();
+    for (i, p) in [at(1, 900), at(2, 8), at(3, 16), at(3, 600), at(0, 40)]
+        .into_iter()
+        .enumerate()
+    {
+        let v = vec![0xB0 + i as u8; 4096];
+        model.write(p..p + v.len(), &v);
+        let dev = dev.clone();
+        handles.push(std::thread::spawn(move || {
+            dev.write_at(p as u64, &v, Flags::default()).unwrap();
+        }));
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    let t = at(3, 1024)..at(3, 1032);
+    dev.trim(t.start as u64, t.len() as u64).unwrap();
+    model.trim(t);
+    let p = at(3, 1500);
+    dev.write_at(p as u64, &[0xC0; 4096], Flags::default())
+        .unwrap();
+    model.write(p..p + 4096, &[0xC0; 4096]);
+    let mut got = vec![0u8; model.data.len()];
+    dev.read_at(0, &mut got).unwrap();
+    assert!(
+        got == model.data,
+        "differs at {:?}",
+        first_difference(&got, &model.data)
+    );
+    dev.flush().unwrap();
+    Arc::try_unwrap(dev).ok().unwrap().close().unwrap();
+    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
+    dev.read_at(0, &mut got).unwrap();
+    assert!(
+        got == model.data,
+        "after reopening, differs at {:?}",
+        first_difference(&got, &model.data)
+    );
+    dev.close().unwrap();
+    f.assert_base_untouched();
+}

@@ -14,7 +14,8 @@ use std::ops::Range;
 
 use super::Command;
 use super::worker::{
-    FILE_BACKING, FILE_MAIN, P_DATA, P_MERGE, P_PREALLOC, PREALLOC, SECTOR, Stage, Worker, tag,
+    FILE_BACKING, FILE_MAIN, FILL_MAX_WRITE, P_DATA, P_FILL, P_MERGE, P_PREALLOC, PREALLOC, SECTOR,
+    Stage, Worker, tag,
 };
 use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{BufRef, Op, OpKind};
@@ -283,6 +284,7 @@ impl Worker {
     /// sector: the write stops there.
     fn emit_write(&mut self, owner: u32, buf: BufRef, sectors: Range<u64>) {
         self.preallocate(sectors.clone());
+        let held = self.touches_filling(&sectors);
         let offset = self.main_offset(sectors.start);
         let limit = if self.cow.is_none() {
             self.main_len
@@ -297,7 +299,15 @@ impl Worker {
             buf: Some(buf),
             tag: tag(P_DATA, owner),
         };
-        self.emit(owner, op);
+        if held {
+            // Counted now, pushed when the fill is done (`filled`).
+            if let Some(r) = self.req(owner) {
+                r.ops += 1;
+            }
+            self.parked.push((sectors, op));
+        } else {
+            self.emit(owner, op);
+        }
     }
 
     pub(super) fn release_scratch(&mut self, slot: u32) {
@@ -348,7 +358,16 @@ impl Worker {
     /// `PREALLOC` piece of the overlay's data area allocates the whole piece,
     /// once per session; the data never depends on it (no op waits for it),
     /// and nothing reads the overlay where no bit is set.
+    ///
+    /// Unwritten blocks still cost the host a conversion when each write
+    /// into them completes. So when the first write into a piece this
+    /// session is small and the piece holds no data (no bit set in it), the
+    /// piece is written with zeros instead, and the writes into it wait for
+    /// that (`parked`) and then land on written blocks. Zeros there are
+    /// harmless: no bit points at them, and no write into the piece can be
+    /// in flight (`touched` is never cleared, not even by a punch).
     fn preallocate(&mut self, sectors: Range<u64>) {
+        let small = (sectors.end - sectors.start) * SECTOR <= FILL_MAX_WRITE;
         if !self.main_direct || sectors.is_empty() || self.cow.is_none() {
             return;
         }
@@ -360,23 +379,76 @@ impl Worker {
             let Some(w) = cow.prealloc.get_mut(word) else {
                 return;
             };
+            let first_touch = cow.touched.get(word).is_some_and(|t| *t & bit == 0);
             if *w & bit != 0 {
                 continue;
             }
             *w |= bit;
             let start = piece * PREALLOC;
             let len = PREALLOC.min((cow.mapped * SECTOR).saturating_sub(start));
-            let op = Op {
-                kind: OpKind::Fallocate {
-                    mode: libc::FALLOC_FL_KEEP_SIZE,
+            if let Some(t) = cow.touched.get_mut(word) {
+                *t |= bit;
+            }
+            let span = piece * per..(piece * per + per).min(cow.mapped);
+            let fill = match self.zero_slot {
+                Some(zeros) if small && first_touch && cow.ram.count(span) == 0 => Some(zeros),
+                _ => None,
+            };
+            let op = match fill {
+                Some(zeros) => {
+                    self.filling.push(piece);
+                    Op {
+                        kind: OpKind::Write,
+                        file: FILE_MAIN,
+                        offset: cow.data_offset + start,
+                        len,
+                        buf: Some(BufRef {
+                            slot: zeros,
+                            segment: 0,
+                            offset: 0,
+                        }),
+                        tag: tag(P_FILL, 0),
+                    }
+                }
+                None => Op {
+                    kind: OpKind::Fallocate {
+                        mode: libc::FALLOC_FL_KEEP_SIZE,
+                    },
+                    file: FILE_MAIN,
+                    offset: cow.data_offset + start,
+                    len,
+                    buf: None,
+                    tag: tag(P_PREALLOC, 0),
                 },
-                file: FILE_MAIN,
-                offset: cow.data_offset + start,
-                len,
-                buf: None,
-                tag: tag(P_PREALLOC, 0),
             };
             self.push(op);
+        }
+    }
+
+    /// Whether a piece `sectors` touch is being filled.
+    fn touches_filling(&self, sectors: &Range<u64>) -> bool {
+        if self.filling.is_empty() || sectors.is_empty() {
+            return false;
+        }
+        let per = PREALLOC / SECTOR;
+        let (first, last) = (sectors.start / per, (sectors.end - 1) / per);
+        self.filling.iter().any(|p| (first..=last).contains(p))
+    }
+
+    /// The fill at overlay offset `offset` is done (or failed): the writes
+    /// it held go on, once no other fill holds them.
+    pub(super) fn filled(&mut self, offset: u64) {
+        let Some(cow) = self.cow.as_ref() else { return };
+        let piece = offset.saturating_sub(cow.data_offset) / PREALLOC;
+        self.filling.retain(|p| *p != piece);
+        let mut i = 0;
+        while i < self.parked.len() {
+            if self.touches_filling(&self.parked[i].0) {
+                i += 1;
+            } else {
+                let (_, op) = self.parked.swap_remove(i);
+                self.push(op);
+            }
         }
     }
 

@@ -57,6 +57,12 @@ pub(super) const P_PAYLOAD: u64 = 7;
 pub(super) const P_SEND: u64 = 8;
 /// Allocation ahead of first writes (see `preallocate` in plan.rs).
 pub(super) const P_PREALLOC: u64 = 9;
+/// Zeros written over a whole `PREALLOC` piece of the overlay (see
+/// `Worker::preallocate`).
+pub(super) const P_FILL: u64 = 10;
+/// Writes no larger than this fill their piece first; larger ones fill much
+/// of it themselves.
+pub(super) const FILL_MAX_WRITE: u64 = 64 * 1024;
 /// Bytes of the overlay allocated at once, ahead of first writes.
 pub(super) const PREALLOC: u64 = 1 << 20;
 
@@ -209,6 +215,8 @@ pub(super) struct Cow {
     pub(super) backing: Arc<File>,
     /// Pieces of `PREALLOC` bytes of the data area allocated this session.
     pub(super) prealloc: Vec<u64>,
+    /// Pieces written (or preallocated) this session; never cleared.
+    pub(super) touched: Vec<u64>,
 }
 
 pub struct Worker {
@@ -247,6 +255,13 @@ pub struct Worker {
     pub(super) chunk: u64,
     pub(super) max_requests: u32,
     spin: std::time::Duration,
+    /// The slot of `PREALLOC` bytes of zeros, when pieces are filled.
+    pub(super) zero_slot: Option<u32>,
+    /// Pieces whose fill is in flight.
+    pub(super) filling: Vec<u64>,
+    /// Data writes into pieces being filled, with their sectors: pushed
+    /// when no piece they touch is filling any more.
+    pub(super) parked: Vec<(Range<u64>, Op)>,
 }
 
 /// What the worker is given besides the image.
@@ -287,7 +302,8 @@ impl Worker {
         let (arena_ptr, arena_len) = pool.arena();
         let keep: Arc<dyn Send + Sync> = Arc::new(pool.clone());
         let mr = max_requests as u32;
-        let conn_base = mr + SCRATCH + 1;
+        // Then the staging buffer (mr + SCRATCH) and the zeros (+ 1).
+        let conn_base = mr + SCRATCH + 2;
         let slots = conn_base as usize + max_conns * CONN_SLOTS as usize;
         // Each connection has at most three socket ops in flight.
         let depth = depth + 3 * max_conns as u32;
@@ -314,6 +330,7 @@ impl Worker {
             let buf = AlignedBuf::new(2 * SECTOR as usize, 4096).ok_or_else(no_mem)?;
             let _ = ring.attach(mr + i, DevBuf::Own(buf));
         }
+        let mut zero_slot = None;
         let cow = match img.overlay {
             None => None,
             Some(o) => {
@@ -322,6 +339,12 @@ impl Worker {
                 // device sets no bits and needs no staging. The buffer is
                 // zeroed lazily by the kernel: only blocks a round copies
                 // become resident.
+                if !img.read_only && img.main.direct {
+                    let zeros = AlignedBuf::new(PREALLOC as usize, 4096).ok_or_else(no_mem)?;
+                    if ring.attach(mr + SCRATCH + 1, DevBuf::Own(zeros)).is_ok() {
+                        zero_slot = Some(mr + SCRATCH + 1);
+                    }
+                }
                 if !img.read_only {
                     let staged = g.bitmap_len.next_multiple_of(BLOCK).max(BLOCK) as usize;
                     let staging = AlignedBuf::new(staged, 4096).ok_or_else(no_mem)?;
@@ -339,6 +362,11 @@ impl Worker {
                     dirty_list: Vec::with_capacity(blocks),
                     backing: o.backing.file,
                     prealloc: vec![
+                        0;
+                        g.mapped_sectors().div_ceil(PREALLOC / SECTOR).div_ceil(64)
+                            as usize
+                    ],
+                    touched: vec![
                         0;
                         g.mapped_sectors().div_ceil(PREALLOC / SECTOR).div_ceil(64)
                             as usize
@@ -370,6 +398,9 @@ impl Worker {
             batched: Vec::with_capacity(mr as usize),
             locks: RangeLocks::new(max_requests),
             scratch_free: (mr..mr + SCRATCH).rev().collect(),
+            zero_slot,
+            filling: Vec::with_capacity(max_requests),
+            parked: Vec::with_capacity(4 * max_requests),
             scratch_wait: VecDeque::with_capacity(max_requests),
             backlog: VecDeque::with_capacity(1024),
             round: Round {
@@ -621,6 +652,8 @@ impl Worker {
             P_RECV | P_PAYLOAD | P_SEND => self.on_conn_op(purpose, slot, &c),
             // Only ever a help: a failure just leaves holes.
             P_PREALLOC => {}
+            // A failed fill leaves holes: the writes held for it go on.
+            P_FILL => self.filled(c.op.offset),
             _ => {
                 let ok = self.check(&c);
                 let Some(r) = self.req(slot) else { return };
