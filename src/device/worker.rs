@@ -339,16 +339,18 @@ impl Worker {
                 // device sets no bits and needs no staging. The buffer is
                 // zeroed lazily by the kernel: only blocks a round copies
                 // become resident.
+                if !img.read_only {
+                    let staged = g.bitmap_len.next_multiple_of(BLOCK).max(BLOCK) as usize;
+                    let staging = AlignedBuf::new(staged, 4096).ok_or_else(no_mem)?;
+                    let _ = ring.attach(mr + SCRATCH, DevBuf::Own(staging));
+                }
+                // Zeros for filling pieces of the overlay (plan.rs, `preallocate`);
+                // never written, so never resident.
                 if !img.read_only && img.main.direct {
                     let zeros = AlignedBuf::new(PREALLOC as usize, 4096).ok_or_else(no_mem)?;
                     if ring.attach(mr + SCRATCH + 1, DevBuf::Own(zeros)).is_ok() {
                         zero_slot = Some(mr + SCRATCH + 1);
                     }
-                }
-                if !img.read_only {
-                    let staged = g.bitmap_len.next_multiple_of(BLOCK).max(BLOCK) as usize;
-                    let staging = AlignedBuf::new(staged, 4096).ok_or_else(no_mem)?;
-                    let _ = ring.attach(mr + SCRATCH, DevBuf::Own(staging));
                 }
                 let blocks = g.bitmap_len.div_ceil(BLOCK) as usize;
                 Some(Cow {
