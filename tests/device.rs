@@ -214,6 +214,17 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     a.iter().zip(b).position(|(x, y)| x != y)
 }
 
+/// The whole device reads as `expect`; `what` names the case in a failure.
+fn assert_reads(dev: &Device, expect: &[u8], what: &str) {
+    let mut got = vec![0u8; expect.len()];
+    dev.read_at(0, &mut got).unwrap();
+    assert!(
+        got == expect,
+        "{what}differs at {:?}",
+        first_difference(&got, expect)
+    );
+}
+
 fn opts(small_pool: bool, cache: Cache) -> DeviceOptions {
     let mut o = DeviceOptions {
         cache,
@@ -574,12 +585,7 @@ fn write_zeroes_inside_one_sector_keeps_the_rest_of_it() {
                 .unwrap();
             model.zero(r);
         }
-        dev.read_at(0, &mut got).unwrap();
-        assert!(
-            got == model.data,
-            "{cache:?}: differs at {:?}",
-            first_difference(&got, &model.data)
-        );
+        assert_reads(&dev, &model.data, &format!("{cache:?}: "));
         dev.close().unwrap();
     }
     f.assert_base_untouched();
@@ -628,22 +634,11 @@ fn first_writes_into_a_mib_keep_what_is_there() {
     dev.write_at(p as u64, &[0xC0; 4096], Flags::default())
         .unwrap();
     model.write(p..p + 4096, &[0xC0; 4096]);
-    let mut got = vec![0u8; model.data.len()];
-    dev.read_at(0, &mut got).unwrap();
-    assert!(
-        got == model.data,
-        "differs at {:?}",
-        first_difference(&got, &model.data)
-    );
+    assert_reads(&dev, &model.data, "");
     dev.flush().unwrap();
     Arc::try_unwrap(dev).ok().unwrap().close().unwrap();
     let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
-    dev.read_at(0, &mut got).unwrap();
-    assert!(
-        got == model.data,
-        "after reopening, differs at {:?}",
-        first_difference(&got, &model.data)
-    );
+    assert_reads(&dev, &model.data, "after reopening, ");
     dev.close().unwrap();
     f.assert_base_untouched();
 }

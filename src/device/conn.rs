@@ -774,3 +774,26 @@ impl Worker {
         st.waiting == 0 && st.free >= self.line.need.max(1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MemLine;
+
+    /// When the head of the line leaves, what it needed leaves with it: the
+    /// next head is tried as soon as any memory is free (invariant 4).
+    #[test]
+    fn the_line_forgets_the_need_of_a_head_that_leaves() {
+        let mut line = MemLine::default();
+        line.join(1, 8);
+        line.join(2, 1);
+        assert_eq!((line.head(), line.need), (Some(1), 8));
+        line.leave(2);
+        assert_eq!((line.head(), line.need), (Some(1), 8));
+        line.leave(1);
+        assert_eq!((line.head(), line.need), (None, 0));
+        line.join(3, 4);
+        line.join(4, 2);
+        line.leave(3);
+        assert_eq!((line.head(), line.need), (Some(4), 0));
+    }
+}

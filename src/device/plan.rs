@@ -367,10 +367,10 @@ impl Worker {
     /// harmless: no bit points at them, and no write into the piece can be
     /// in flight (`touched` is never cleared, not even by a punch).
     fn preallocate(&mut self, sectors: Range<u64>) {
-        let small = (sectors.end - sectors.start) * SECTOR <= FILL_MAX_WRITE;
         if !self.main_direct || sectors.is_empty() || self.cow.is_none() {
             return;
         }
+        let small = (sectors.end - sectors.start) * SECTOR <= FILL_MAX_WRITE;
         let per = PREALLOC / SECTOR;
         let (first, last) = (sectors.start / per, (sectors.end - 1) / per);
         for piece in first..=last {
@@ -386,42 +386,34 @@ impl Worker {
             *w |= bit;
             let start = piece * PREALLOC;
             let len = PREALLOC.min((cow.mapped * SECTOR).saturating_sub(start));
+            let offset = cow.data_offset + start;
             if let Some(t) = cow.touched.get_mut(word) {
                 *t |= bit;
             }
             let span = piece * per..(piece * per + per).min(cow.mapped);
-            let fill = match self.zero_slot {
-                Some(zeros) if small && first_touch && cow.ram.count(span) == 0 => Some(zeros),
-                _ => None,
-            };
-            let op = match fill {
-                Some(zeros) => {
+            let (kind, buf, purpose) = match self.zero_slot {
+                Some(zeros) if small && first_touch && cow.ram.count(span) == 0 => {
                     self.filling.push(piece);
-                    Op {
-                        kind: OpKind::Write,
-                        file: FILE_MAIN,
-                        offset: cow.data_offset + start,
-                        len,
-                        buf: Some(BufRef {
-                            slot: zeros,
-                            segment: 0,
-                            offset: 0,
-                        }),
-                        tag: tag(P_FILL, 0),
-                    }
+                    let at = BufRef {
+                        slot: zeros,
+                        segment: 0,
+                        offset: 0,
+                    };
+                    (OpKind::Write, Some(at), P_FILL)
                 }
-                None => Op {
-                    kind: OpKind::Fallocate {
-                        mode: libc::FALLOC_FL_KEEP_SIZE,
-                    },
-                    file: FILE_MAIN,
-                    offset: cow.data_offset + start,
-                    len,
-                    buf: None,
-                    tag: tag(P_PREALLOC, 0),
-                },
+                _ => {
+                    let mode = libc::FALLOC_FL_KEEP_SIZE;
+                    (OpKind::Fallocate { mode }, None, P_PREALLOC)
+                }
             };
-            self.push(op);
+            self.push(Op {
+                kind,
+                file: FILE_MAIN,
+                offset,
+                len,
+                buf,
+                tag: tag(purpose, 0),
+            });
         }
     }
 

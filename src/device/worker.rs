@@ -353,6 +353,9 @@ impl Worker {
                     }
                 }
                 let blocks = g.bitmap_len.div_ceil(BLOCK) as usize;
+                // One bit per `PREALLOC` piece of the data area.
+                let pieces_words =
+                    g.mapped_sectors().div_ceil(PREALLOC / SECTOR).div_ceil(64) as usize;
                 Some(Cow {
                     data_offset: g.data_offset,
                     bitmap_offset: g.bitmap_offset,
@@ -363,16 +366,8 @@ impl Worker {
                     dirty: vec![false; blocks],
                     dirty_list: Vec::with_capacity(blocks),
                     backing: o.backing.file,
-                    prealloc: vec![
-                        0;
-                        g.mapped_sectors().div_ceil(PREALLOC / SECTOR).div_ceil(64)
-                            as usize
-                    ],
-                    touched: vec![
-                        0;
-                        g.mapped_sectors().div_ceil(PREALLOC / SECTOR).div_ceil(64)
-                            as usize
-                    ],
+                    prealloc: vec![0; pieces_words],
+                    touched: vec![0; pieces_words],
                 })
             }
         };
