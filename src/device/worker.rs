@@ -483,6 +483,15 @@ impl Worker {
             }
             for c in done.drain(..) {
                 self.on_complete(c);
+                // What this completion started goes to the host now, not
+                // after the whole batch: the disk would sit idle while the
+                // worker works through the rest (here, a batch of 32 reads
+                // at 4K took the disk from 150k to 110k IOPS).
+                self.take_intake();
+                self.push_backlog();
+                // A failure here shows again at the next `run`, which
+                // handles it.
+                let _ = self.ring.submit_queued();
             }
         }
         self.pool.set_on_free(None);

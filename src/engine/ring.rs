@@ -782,6 +782,20 @@ impl<B: BufSet> Ring<B> {
         Ok(delivered)
     }
 
+    /// Submits the SQEs queued so far without waiting for anything, so the
+    /// host can start on them while the owner works through the rest of a
+    /// batch of completions. Backpressure (EBUSY/EAGAIN) leaves them queued
+    /// for the next [`Ring::run`].
+    pub fn submit_queued(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        match self.enter(0) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => Ok(()),
+            r => r,
+        }
+    }
+
     /// Sets how long [`Ring::run`] polls for a completion before it sleeps
     /// (zero: it sleeps at once). Polling saves the wake-up of a sleeping
     /// thread when completions come quickly one at a time (a client at
