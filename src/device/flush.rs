@@ -40,7 +40,12 @@ pub(super) struct Round {
 impl Worker {
     pub(super) fn set_bits(&mut self, sectors: Range<u64>) {
         let Some(cow) = self.cow.as_mut() else { return };
-        if sectors.is_empty() {
+        // Bits already set need no bitmap write: a round that started
+        // before them, or the next one, makes them durable, and a later
+        // FLUSH waits for both. A rewrite then costs a FLUSH one sync.
+        if sectors.is_empty()
+            || cow.ram.next_change(sectors.start, sectors.end, true) == sectors.end
+        {
             return;
         }
         cow.ram.set_range(sectors.clone(), true);
