@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use common::server::signal;
 use common::{run, run_bytes, sha256_hex, tool, ubd};
 
+const MIB: usize = 1 << 20;
+
 #[test]
 fn demo_serves_an_ext4_disk_with_its_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -77,6 +79,9 @@ fn demo_serves_an_ext4_disk_with_its_files() {
         "status=none",
     ]));
     assert!(copied[..4096].iter().all(|&b| b == 0x5a));
+    // The rest of that MiB is the base's, though the overlay holds it.
+    let base_bytes = std::fs::read(&base).unwrap();
+    assert!(copied[4096..] == base_bytes[60 * MIB + 4096..61 * MIB]);
 
     signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
@@ -93,6 +98,8 @@ fn demo_serves_an_ext4_disk_with_its_files() {
     }
     assert!(!socket.exists(), "the socket file is left behind");
     assert_eq!(sha256_hex(&std::fs::read(&base).unwrap()), base_sum);
+    // qemu-io wrote with FUA, so the server copied that MiB of the base into
+    // the overlay first: the whole MiB is the overlay's.
     let info = common::ubd_info(&dir.join("demo.cow"));
-    assert_eq!(info["sectors_present"], 8, "{info}");
+    assert_eq!(info["sectors_present"], 2048, "{info}");
 }

@@ -858,11 +858,9 @@ fn nbdinfo_map_shows_where_written_data_lives() {
     for op in &ops {
         model.apply(op);
     }
-    qemu_io(
-        &uri,
-        false,
-        &ops.iter().map(Op::command).collect::<Vec<_>>(),
-    );
+    // Writeback: no write carries FUA, so none copies its MiB into the
+    // overlay before the FLUSH (README, the overlay's fill).
+    qemu_io(&uri, true, &ops.iter().map(Op::command).collect::<Vec<_>>());
 
     // Depth: 1 on exactly the sectors written (a write of 1000 bytes at
     // 2M+512 touches two sectors), 2 everywhere else.
@@ -1912,10 +1910,11 @@ fn a_partial_last_sector_of_the_base_reads_as_a_zero_tail_of_depth_0() {
     want.resize(size as usize, 0);
     assert_same_bytes("the export", &dump(&uri, &dir.path().join("a.raw")), &want);
 
-    // A write across the base's end lands in the overlay's last sectors.
+    // A write across the base's end lands in the overlay's last sectors
+    // (writeback: without FUA it does not copy its MiB).
     qemu_io(
         &uri,
-        false,
+        true,
         &[format!("write -P 0x51 {} 300", base_len - 100)],
     );
     want[urange(&(base_len - 100..base_len + 200))].fill(0x51);

@@ -311,11 +311,16 @@ fn check(
         matches!(op.kind, Kind::Write { fua: true, .. })
             || t.flushes.iter().any(|&(s, d)| ack < s && d < cut)
     };
-    // The model of the live device: which sectors the overlay holds.
+    // The model of the live device: which sectors the overlay holds, and
+    // which bytes may read as zeros instead of `live` (a trim of a sector
+    // never written, whose MiB the overlay may hold a copy of).
     let mut present = vec![false; BASE_LEN / SECTOR];
     let mut live = base.to_vec();
-    // Per sector: versions, and the newest committed version.
-    let mut versions: HashMap<usize, (Vec<Vec<u8>>, usize)> = HashMap::new();
+    let mut may_be_zero = vec![false; BASE_LEN];
+    // Per sector: versions (bytes, and which of them may be zeros), and the
+    // newest committed version.
+    type Version = (Vec<u8>, Vec<bool>);
+    let mut versions: HashMap<usize, (Vec<Version>, usize)> = HashMap::new();
     let mut order: Vec<(usize, u64)> = t
         .start
         .iter()
@@ -327,13 +332,15 @@ fn check(
         let op = &ops[id as usize];
         let sectors = op.offset / SECTOR..(op.offset + op.len).div_ceil(SECTOR);
         for s in sectors.clone() {
-            versions
-                .entry(s)
-                .or_insert_with(|| (vec![base[s * SECTOR..(s + 1) * SECTOR].to_vec()], 0));
+            versions.entry(s).or_insert_with(|| {
+                let at = s * SECTOR..(s + 1) * SECTOR;
+                (vec![(base[at].to_vec(), vec![false; SECTOR])], 0)
+            });
         }
         match &op.kind {
             Kind::Write { data, .. } => {
                 live[op.offset..op.offset + op.len].copy_from_slice(data);
+                may_be_zero[op.offset..op.offset + op.len].fill(false);
                 sectors.clone().for_each(|s| present[s] = true);
             }
             Kind::Zero => {
@@ -341,11 +348,15 @@ fn check(
                 sectors.clone().for_each(|s| present[s] = true);
             }
             // A trim punches the overlay's sectors (they read zeros); the
-            // backing file's stay.
+            // backing file's stay, or read zeros where the overlay held a
+            // copy of them.
             Kind::Trim => {
                 for s in sectors.clone() {
+                    let at = s * SECTOR..(s + 1) * SECTOR;
                     if present[s] {
-                        live[s * SECTOR..(s + 1) * SECTOR].fill(0);
+                        live[at].fill(0);
+                    } else {
+                        may_be_zero[at].fill(true);
                     }
                 }
             }
@@ -353,7 +364,8 @@ fn check(
         let is_committed = committed(id, op);
         for s in sectors {
             let v = versions.get_mut(&s).expect("entry made above");
-            v.0.push(live[s * SECTOR..(s + 1) * SECTOR].to_vec());
+            let at = s * SECTOR..(s + 1) * SECTOR;
+            v.0.push((live[at.clone()].to_vec(), may_be_zero[at].to_vec()));
             if is_committed {
                 v.1 = v.0.len() - 1;
             }
@@ -369,7 +381,15 @@ fn check(
                 }
             }
             Some((vs, from)) => {
-                if !vs[*from..].iter().any(|v| v == sector) {
+                let fits = |(bytes, mz): &Version| {
+                    sector == &bytes[..]
+                        || (mz.contains(&true)
+                            && sector
+                                .iter()
+                                .zip(bytes.iter().zip(mz))
+                                .all(|(g, (b, z))| g == b || (*z && *g == 0)))
+                };
+                if !vs[*from..].iter().any(fits) {
                     let zeros = sector.iter().all(|&b| b == 0);
                     return Err(format!(
                         "sector {s} (byte {}): matches none of its {} versions from the newest \
@@ -482,4 +502,46 @@ fn every_power_cut_keeps_what_flush_and_fua_promised() {
         fs::metadata(&base_path).unwrap().modified().unwrap(),
         base_mtime
     );
+}
+
+/// A FLUSH costs one sync where its writes set no new bit (a rewrite, or a
+/// write into a MiB the overlay holds a copy of), and two where they do.
+#[test]
+fn a_flush_needs_a_bitmap_write_only_for_new_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, pseudo_random_bytes(5, BASE_LEN)).unwrap();
+    let cow = dir.path().join("cow.img");
+    create_overlay(&cow, &base, false).unwrap();
+    let recorder = Arc::new(Recorder::new());
+    let dev = Device::open(
+        &cow,
+        &DeviceOptions {
+            cache: Cache::None,
+            recorder: Some(recorder.clone()),
+            ..DeviceOptions::default()
+        },
+    )
+    .unwrap();
+    // Syncs issued by one write and the FLUSH after it.
+    let syncs = |offset: u64| {
+        let before = recorder.events().len();
+        dev.write_at(offset, &[0x5c; 4096], Flags::default())
+            .unwrap();
+        dev.flush().unwrap();
+        recorder.events()[before..]
+            .iter()
+            .filter(|e| matches!(e, Event::Sync { .. }))
+            .count()
+    };
+    const MIB: u64 = 1 << 20;
+    // No FLUSH came yet: the write sets its own bits only.
+    assert_eq!(syncs(MIB), 2, "a first write");
+    assert_eq!(syncs(MIB), 1, "a rewrite");
+    assert_eq!(syncs(MIB + 8192), 2, "a first write next to it");
+    // Now the first write into MiB 2 copies it: its bits are all set.
+    assert_eq!(syncs(2 * MIB + 4096), 2, "the write that copies its MiB");
+    assert_eq!(syncs(2 * MIB + 65536), 1, "a first write into the copy");
+    assert_eq!(syncs(3 * MIB - 4096), 1, "another one");
+    dev.close().unwrap();
 }

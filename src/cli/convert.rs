@@ -499,9 +499,11 @@ fn import(
         .into());
     }
     let header = image::create_overlay(cow, base, force)?;
+    // Only the sectors that differ go into the overlay.
     let opts = DeviceOptions {
         read_only: false,
         backing_dir: backing_dir.map(Path::to_path_buf),
+        copy_up: false,
         ..Default::default()
     };
     let dev = match Device::open(cow, &opts) {

@@ -152,6 +152,12 @@ pub struct DeviceOptions {
     pub poll: Duration,
     /// Retry a lock another process holds for this long.
     pub lock_wait: Duration,
+    /// With direct I/O, once a FLUSH or FUA write came, a small first write
+    /// into an empty MiB of the overlay copies the backing's data over that
+    /// MiB first and makes all of it the overlay's, so a FLUSH after later
+    /// writes there costs one sync, not two. Off, only written sectors
+    /// become the overlay's (tools that build the smallest overlay).
+    pub copy_up: bool,
     /// Poison pool chunks when they are freed (tests: use after free shows).
     pub poison_on_free: bool,
     /// Tests: log every write and sync the device issues (power-loss states).
@@ -174,6 +180,7 @@ impl Default for DeviceOptions {
             max_connections: 256,
             poll: Duration::from_micros(50),
             lock_wait: Duration::from_secs(2),
+            copy_up: true,
             poison_on_free: false,
             recorder: None,
             faults: None,
@@ -273,6 +280,7 @@ impl Device {
                 max_conns: opts.max_connections,
                 max_io,
                 poll: opts.poll,
+                copy_up: opts.copy_up,
                 recorder: opts.recorder.clone(),
                 faults: opts.faults.clone(),
             };

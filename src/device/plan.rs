@@ -14,11 +14,11 @@ use std::ops::Range;
 
 use super::Command;
 use super::worker::{
-    FILE_BACKING, FILE_MAIN, FILL_MAX_WRITE, P_DATA, P_FILL, P_MERGE, P_PREALLOC, PREALLOC, SECTOR,
-    Stage, Worker, tag,
+    FILE_BACKING, FILE_MAIN, FILL_MAX_WRITE, P_COPY, P_DATA, P_FILL, P_MERGE, P_PREALLOC, PREALLOC,
+    SECTOR, Stage, Worker, tag,
 };
 use crate::engine::bufset::DevBuf;
-use crate::engine::ring::{BufRef, Op, OpKind};
+use crate::engine::ring::{BufRef, Completion, Op, OpKind};
 
 impl Worker {
     /// Plans reads of `sectors` into buffer slot `buf` starting at byte `pos`.
@@ -299,8 +299,14 @@ impl Worker {
             buf: Some(buf),
             tag: tag(P_DATA, owner),
         };
+        self.emit_or_park(owner, held, sectors, op);
+    }
+
+    /// Emits `op` of request `owner` over the overlay's `sectors`, or holds
+    /// it while a piece it touches is being filled.
+    fn emit_or_park(&mut self, owner: u32, held: bool, sectors: Range<u64>, op: Op) {
         if held {
-            // Counted now, pushed when the fill is done (`filled`).
+            // Counted now, pushed when the fill is done (`release_piece`).
             if let Some(r) = self.req(owner) {
                 r.ops += 1;
             }
@@ -362,10 +368,18 @@ impl Worker {
     /// Unwritten blocks still cost the host a conversion when each write
     /// into them completes. So when the first write into a piece this
     /// session is small and the piece holds no data (no bit set in it), the
-    /// piece is written with zeros instead, and the writes into it wait for
-    /// that (`parked`) and then land on written blocks. Zeros there are
-    /// harmless: no bit points at them, and no write into the piece can be
-    /// in flight (`touched` is never cleared, not even by a punch).
+    /// piece is written whole instead, and the writes and zeroings into it
+    /// wait for that (`parked`) and then land on written blocks. Nothing
+    /// else can be in flight there: `touched` is set by every write and
+    /// zeroing of the overlay and never cleared, not even by a punch.
+    ///
+    /// Once the session has seen a FLUSH or a FUA write, the piece is
+    /// written with the backing's data when a copy buffer is free, and its
+    /// bits are set once that write completes: it then holds what the device
+    /// reads there, so later writes into the piece set no new bits and a
+    /// FLUSH after them costs one sync, not two (a client that never
+    /// flushes gains nothing from the copy). Otherwise the piece is written
+    /// with zeros, which are harmless: no bit points at them.
     fn preallocate(&mut self, sectors: Range<u64>) {
         if !self.main_direct || sectors.is_empty() || self.cow.is_none() {
             return;
@@ -391,29 +405,55 @@ impl Worker {
                 *t |= bit;
             }
             let span = piece * per..(piece * per + per).min(cow.mapped);
-            let (kind, buf, purpose) = match self.zero_slot {
-                Some(zeros) if small && first_touch && cow.ram.count(span) == 0 => {
-                    self.filling.push(piece);
-                    let at = BufRef {
-                        slot: zeros,
-                        segment: 0,
-                        offset: 0,
-                    };
-                    (OpKind::Write, Some(at), P_FILL)
-                }
-                _ => {
-                    let mode = libc::FALLOC_FL_KEEP_SIZE;
-                    (OpKind::Fallocate { mode }, None, P_PREALLOC)
-                }
+            let at = |slot| {
+                Some(BufRef {
+                    slot,
+                    segment: 0,
+                    offset: 0,
+                })
             };
-            self.push(Op {
-                kind,
-                file: FILE_MAIN,
-                offset,
-                len,
-                buf,
-                tag: tag(purpose, 0),
-            });
+            let fill = small && first_touch && cow.ram.count(span) == 0;
+            let op = match (fill, self.zero_slot) {
+                (true, Some(zeros)) => {
+                    self.filling.push(piece);
+                    let copy = if self.flushed {
+                        self.copy_free.pop()
+                    } else {
+                        None
+                    };
+                    match copy {
+                        // The tail past the backing's end reads short; it is
+                        // zeroed then (`copied`).
+                        Some(copy) => Op {
+                            kind: OpKind::Read,
+                            file: FILE_BACKING,
+                            offset: start,
+                            len,
+                            buf: at(copy),
+                            tag: tag(P_COPY, copy),
+                        },
+                        None => Op {
+                            kind: OpKind::Write,
+                            file: FILE_MAIN,
+                            offset,
+                            len,
+                            buf: at(zeros),
+                            tag: tag(P_FILL, zeros),
+                        },
+                    }
+                }
+                _ => Op {
+                    kind: OpKind::Fallocate {
+                        mode: libc::FALLOC_FL_KEEP_SIZE,
+                    },
+                    file: FILE_MAIN,
+                    offset,
+                    len,
+                    buf: None,
+                    tag: tag(P_PREALLOC, 0),
+                },
+            };
+            self.push(op);
         }
     }
 
@@ -427,9 +467,61 @@ impl Worker {
         self.filling.iter().any(|p| (first..=last).contains(p))
     }
 
-    /// The fill at overlay offset `offset` is done (or failed): the writes
-    /// it held go on, once no other fill holds them.
-    pub(super) fn filled(&mut self, offset: u64) {
+    /// The backing's data for a piece is in copy buffer `slot` (or the read
+    /// failed, and the piece is left as it is): write it over the piece.
+    pub(super) fn copied(&mut self, slot: u32, c: &Completion) {
+        let Some(cow) = self.cow.as_ref() else { return };
+        let (start, len) = (c.op.offset, c.op.len);
+        let offset = cow.data_offset + start;
+        let Ok(done) = c.result else {
+            self.copy_free.push(slot);
+            self.release_piece(offset);
+            return;
+        };
+        // Past the backing's end the device reads zeros.
+        if let Some(tail) = self
+            .ring
+            .buf_mut(slot)
+            .and_then(DevBuf::own_mut)
+            .and_then(|b| b.as_mut_slice().get_mut(done as usize..len as usize))
+        {
+            tail.fill(0);
+        }
+        self.push(Op {
+            kind: OpKind::Write,
+            file: FILE_MAIN,
+            offset,
+            len,
+            buf: Some(BufRef {
+                slot,
+                segment: 0,
+                offset: 0,
+            }),
+            tag: tag(P_FILL, slot),
+        });
+    }
+
+    /// A piece's fill from buffer `slot` is done (or failed, which leaves
+    /// holes). A copy of the backing's data sets the piece's bits: the
+    /// overlay now holds what the device reads there.
+    pub(super) fn filled(&mut self, slot: u32, c: &Completion) {
+        let Some(cow) = self.cow.as_ref() else { return };
+        let offset = c.op.offset;
+        if self.copy_slots.contains(&slot) {
+            if c.result.is_ok() {
+                let per = PREALLOC / SECTOR;
+                let piece = offset.saturating_sub(cow.data_offset) / PREALLOC;
+                let span = piece * per..(piece * per + per).min(cow.mapped);
+                self.set_bits(span);
+            }
+            self.copy_free.push(slot);
+        }
+        self.release_piece(offset);
+    }
+
+    /// The fill at overlay offset `offset` is over: the writes it held go
+    /// on, once no other fill holds them.
+    fn release_piece(&mut self, offset: u64) {
         let Some(cow) = self.cow.as_ref() else { return };
         let piece = offset.saturating_sub(cow.data_offset) / PREALLOC;
         self.filling.retain(|p| *p != piece);
@@ -464,6 +556,9 @@ impl Worker {
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             self.forget_preallocation(sectors.clone());
         }
+        // No fill may start under it; one in flight must land first.
+        self.touch(sectors.clone());
+        let held = self.touches_filling(&sectors);
         let op = Op {
             kind: OpKind::Fallocate { mode },
             file: FILE_MAIN,
@@ -472,7 +567,21 @@ impl Worker {
             buf: None,
             tag: tag(P_DATA, owner),
         };
-        self.emit(owner, op);
+        self.emit_or_park(owner, held, sectors, op);
+    }
+
+    /// Marks the pieces `sectors` touch as changed this session.
+    fn touch(&mut self, sectors: Range<u64>) {
+        let Some(cow) = self.cow.as_mut() else { return };
+        if sectors.is_empty() {
+            return;
+        }
+        let per = PREALLOC / SECTOR;
+        for piece in sectors.start / per..=(sectors.end - 1) / per {
+            if let Some(t) = cow.touched.get_mut((piece / 64) as usize) {
+                *t |= 1u64 << (piece % 64);
+            }
+        }
     }
 
     /// TRIM: punch holes where whole present sectors (or a raw image's whole

@@ -57,9 +57,13 @@ pub(super) const P_PAYLOAD: u64 = 7;
 pub(super) const P_SEND: u64 = 8;
 /// Allocation ahead of first writes (see `preallocate` in plan.rs).
 pub(super) const P_PREALLOC: u64 = 9;
-/// Zeros written over a whole `PREALLOC` piece of the overlay (see
-/// `Worker::preallocate`).
+/// A whole `PREALLOC` piece of the overlay written ahead of first writes,
+/// with zeros or with the backing's data (see `Worker::preallocate`).
 pub(super) const P_FILL: u64 = 10;
+/// The backing's data for a piece read into a copy buffer, to fill it with.
+pub(super) const P_COPY: u64 = 11;
+/// Buffers of `PREALLOC` bytes for filling pieces with the backing's data.
+pub(super) const COPY_BUFS: u32 = 2;
 /// Writes no larger than this fill their piece first; larger ones fill much
 /// of it themselves.
 pub(super) const FILL_MAX_WRITE: u64 = 64 * 1024;
@@ -257,6 +261,11 @@ pub struct Worker {
     spin: std::time::Duration,
     /// The slot of `PREALLOC` bytes of zeros, when pieces are filled.
     pub(super) zero_slot: Option<u32>,
+    /// The slots of the copy buffers, and those not in use.
+    pub(super) copy_slots: Range<u32>,
+    pub(super) copy_free: Vec<u32>,
+    /// A FLUSH or a FUA write came this session: copying pieces pays.
+    pub(super) flushed: bool,
     /// Pieces whose fill is in flight.
     pub(super) filling: Vec<u64>,
     /// Data writes into pieces being filled, with their sectors: pushed
@@ -275,6 +284,7 @@ pub(super) struct Setup {
     pub(super) max_conns: usize,
     pub(super) max_io: u64,
     pub(super) poll: std::time::Duration,
+    pub(super) copy_up: bool,
     pub(super) recorder: Option<Arc<crate::engine::record::Recorder>>,
     pub(super) faults: Option<Arc<crate::engine::record::Faults>>,
 }
@@ -291,6 +301,7 @@ impl Worker {
             max_conns,
             max_io,
             poll,
+            copy_up,
             recorder,
             faults,
         } = setup;
@@ -302,8 +313,10 @@ impl Worker {
         let (arena_ptr, arena_len) = pool.arena();
         let keep: Arc<dyn Send + Sync> = Arc::new(pool.clone());
         let mr = max_requests as u32;
-        // Then the staging buffer (mr + SCRATCH) and the zeros (+ 1).
-        let conn_base = mr + SCRATCH + 2;
+        // Then the staging buffer (mr + SCRATCH), the zeros (+ 1) and the
+        // copy buffers.
+        let copy_base = mr + SCRATCH + 2;
+        let conn_base = copy_base + COPY_BUFS;
         let slots = conn_base as usize + max_conns * CONN_SLOTS as usize;
         // Each connection has at most three socket ops in flight.
         let depth = depth + 3 * max_conns as u32;
@@ -331,6 +344,7 @@ impl Worker {
             let _ = ring.attach(mr + i, DevBuf::Own(buf));
         }
         let mut zero_slot = None;
+        let mut copy_free = Vec::new();
         let cow = match img.overlay {
             None => None,
             Some(o) => {
@@ -350,6 +364,16 @@ impl Worker {
                     let zeros = AlignedBuf::new(PREALLOC as usize, 4096).ok_or_else(no_mem)?;
                     if ring.attach(mr + SCRATCH + 1, DevBuf::Own(zeros)).is_ok() {
                         zero_slot = Some(mr + SCRATCH + 1);
+                    }
+                }
+                // Buffers to copy the backing's data with; resident once
+                // used, at most COPY_BUFS MiB.
+                if zero_slot.is_some() && copy_up {
+                    for slot in (copy_base..conn_base).rev() {
+                        let buf = AlignedBuf::new(PREALLOC as usize, 4096).ok_or_else(no_mem)?;
+                        if ring.attach(slot, DevBuf::Own(buf)).is_ok() {
+                            copy_free.push(slot);
+                        }
                     }
                 }
                 let blocks = g.bitmap_len.div_ceil(BLOCK) as usize;
@@ -396,6 +420,9 @@ impl Worker {
             locks: RangeLocks::new(max_requests),
             scratch_free: (mr..mr + SCRATCH).rev().collect(),
             zero_slot,
+            copy_slots: copy_base..conn_base,
+            copy_free,
+            flushed: false,
             filling: Vec::with_capacity(max_requests),
             parked: Vec::with_capacity(4 * max_requests),
             scratch_wait: VecDeque::with_capacity(max_requests),
@@ -599,6 +626,7 @@ impl Worker {
         }
         let command = r.command;
         let sectors = r.sectors();
+        self.flushed |= command == Command::Flush || r.fua;
         self.reqs[slot as usize] = Some(r);
         match command {
             Command::Read => {
@@ -658,8 +686,8 @@ impl Worker {
             P_RECV | P_PAYLOAD | P_SEND => self.on_conn_op(purpose, slot, &c),
             // Only ever a help: a failure just leaves holes.
             P_PREALLOC => {}
-            // A failed fill leaves holes: the writes held for it go on.
-            P_FILL => self.filled(c.op.offset),
+            P_COPY => self.copied(slot, &c),
+            P_FILL => self.filled(slot, &c),
             _ => {
                 let ok = self.check(&c);
                 let Some(r) = self.req(slot) else { return };
