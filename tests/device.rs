@@ -114,16 +114,11 @@ impl Model {
 
     /// The first byte where `got`, read at `at`, is not what the model allows.
     fn mismatch(&self, at: usize, got: &[u8]) -> Option<usize> {
-        let end = at + got.len();
-        let ok = |(i, (g, d)): (usize, (&u8, &u8))| g == d || (*g == 0 && self.may_be_zero[at + i]);
-        match got.iter().zip(&self.data[at..end]).enumerate().all(ok) {
-            true => None,
-            false => got
-                .iter()
-                .zip(&self.data[at..end])
-                .enumerate()
-                .position(|x| !ok(x)),
-        }
+        let want = &self.data[at..at + got.len()];
+        got.iter()
+            .zip(want)
+            .enumerate()
+            .position(|(i, (g, w))| g != w && !(*g == 0 && self.may_be_zero[at + i]))
     }
 }
 
