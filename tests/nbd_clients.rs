@@ -2001,3 +2001,71 @@ fn sigterm_under_fio_load_exits_0_and_leaves_a_clean_overlay() {
     stop_clean(server);
     f.finish();
 }
+
+/// qemu-io writes with FUA (writethrough). After that, a small first write
+/// into a MiB copies the MiB from the base, so the whole MiB has depth 1;
+/// with `--no-copy-up` only the written sectors do. Either way the export
+/// reads as written.
+#[test]
+fn no_copy_up_keeps_the_overlay_to_the_written_sectors() {
+    for (args, copied) in [(&[][..], true), (&["--no-copy-up"][..], false)] {
+        let f = fixture();
+        let server = f.serve(args);
+        let uri = server.uri();
+        let ops = [
+            Op::Write {
+                off: M + 8 * K,
+                len: 4 * K,
+                pat: 0x31,
+            },
+            Op::Write {
+                off: 5 * M + 64 * K,
+                len: 4 * K,
+                pat: 0x32,
+            },
+        ];
+        let mut model = Model::new(f.base_data.clone());
+        for op in &ops {
+            model.apply(op);
+        }
+        qemu_io(
+            &uri,
+            false,
+            &ops.iter().map(Op::command).collect::<Vec<_>>(),
+        );
+        let depth = nbdinfo_map(&uri, Some("qemu:allocation-depth"), SIZE);
+        let runs: &[(u64, u64, u64)] = if copied {
+            &[
+                (0, M, 2),
+                (M, 2 * M, 1),
+                (2 * M, 5 * M, 2),
+                (5 * M, 6 * M, 1),
+                (6 * M, SIZE, 2),
+            ]
+        } else {
+            &[
+                (0, M + 8 * K, 2),
+                (M + 8 * K, M + 12 * K, 1),
+                (M + 12 * K, 5 * M + 64 * K, 2),
+                (5 * M + 64 * K, 5 * M + 68 * K, 1),
+                (5 * M + 68 * K, SIZE, 2),
+            ]
+        };
+        let want: Vec<Extent> = runs
+            .iter()
+            .map(|&(start, end, kind)| Extent {
+                start,
+                length: end - start,
+                kind,
+            })
+            .collect();
+        assert_eq!(depth, want, "depth map with {args:?}");
+        assert_same_bytes(
+            &format!("the export with {args:?}"),
+            &dump(&uri, &f.dir.path().join("out.raw")),
+            &model.data,
+        );
+        drop(server);
+        f.finish();
+    }
+}

@@ -80,6 +80,12 @@ pub struct Args {
     /// way); 0 turns polling off.
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
+    /// Keep the overlay to the sectors clients wrote: a small first write
+    /// into a MiB does not copy that MiB from the backing file, even once a
+    /// client has flushed (maps stay exact; a FLUSH after a first write into
+    /// a MiB then costs two syncs instead of one).
+    #[arg(long)]
+    no_copy_up: bool,
     /// Testing aid: the buffer pool's fault injection (every buffer
     /// allocation takes the reserve path, as under memory pressure).
     #[arg(long)]
@@ -151,6 +157,7 @@ pub fn run(args: Args) -> Outcome {
             pool_size: args.pool_size as usize,
             max_connections: args.max_connections.max(1),
             poll: std::time::Duration::from_micros(args.poll_us),
+            copy_up: !args.no_copy_up,
             ..DeviceOptions::default()
         },
         pid_file: args.pid_file,
