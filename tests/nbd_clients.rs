@@ -239,6 +239,17 @@ struct Extent {
     kind: u64,
 }
 
+/// Extents from `(start, end, kind)` runs.
+fn extents(runs: &[(u64, u64, u64)]) -> Vec<Extent> {
+    runs.iter()
+        .map(|&(start, end, kind)| Extent {
+            start,
+            length: end - start,
+            kind,
+        })
+        .collect()
+}
+
 /// `nbdinfo --map[=CONTEXT] --json URI`, with neighbours of the same type
 /// merged (a server may split runs wherever it likes), checked to cover
 /// `[0, size)` exactly.
@@ -876,15 +887,7 @@ fn nbdinfo_map_shows_where_written_data_lives() {
         (6 * M + 4 * K, 6 * M + 12 * K, 1),
         (6 * M + 12 * K, SIZE, 2),
     ];
-    let want: Vec<Extent> = runs
-        .iter()
-        .map(|&(start, end, kind)| Extent {
-            start,
-            length: end - start,
-            kind,
-        })
-        .collect();
-    assert_eq!(depth, want, "nbdinfo --map=qemu:allocation-depth");
+    assert_eq!(depth, extents(&runs), "nbdinfo --map=qemu:allocation-depth");
 
     // base:allocation: a range flagged ZERO (2) reads as zeros; the base's
     // untouched hole is HOLE|ZERO; the range zeroed with unmap is ZERO.
@@ -2051,15 +2054,7 @@ fn no_copy_up_keeps_the_overlay_to_the_written_sectors() {
                 (5 * M + 68 * K, SIZE, 2),
             ]
         };
-        let want: Vec<Extent> = runs
-            .iter()
-            .map(|&(start, end, kind)| Extent {
-                start,
-                length: end - start,
-                kind,
-            })
-            .collect();
-        assert_eq!(depth, want, "depth map with {args:?}");
+        assert_eq!(depth, extents(runs), "depth map with {args:?}");
         assert_same_bytes(
             &format!("the export with {args:?}"),
             &dump(&uri, &f.dir.path().join("out.raw")),

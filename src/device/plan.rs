@@ -10,7 +10,7 @@
 //! whole sectors and merges zeros into partial ones, then sets the bits. CACHE
 //! asks the host to prefetch the range from whichever file holds it.
 
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 
 use super::Command;
 use super::worker::{
@@ -19,6 +19,27 @@ use super::worker::{
 };
 use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{BufRef, Completion, Op, OpKind};
+
+/// Sectors per `PREALLOC` piece of the overlay's data area.
+const PIECE_SECTORS: u64 = PREALLOC / SECTOR;
+
+/// The pieces `sectors` touch (none when `sectors` is empty).
+fn pieces(sectors: &Range<u64>) -> RangeInclusive<u64> {
+    if sectors.is_empty() {
+        return RangeInclusive::new(1, 0);
+    }
+    sectors.start / PIECE_SECTORS..=(sectors.end - 1) / PIECE_SECTORS
+}
+
+/// Sets (or clears) the bits of `pieces` in a bitset of one bit per piece.
+fn mark(words: &mut [u64], pieces: RangeInclusive<u64>, on: bool) {
+    for piece in pieces {
+        if let Some(w) = words.get_mut((piece / 64) as usize) {
+            let bit = 1u64 << (piece % 64);
+            *w = if on { *w | bit } else { *w & !bit };
+        }
+    }
+}
 
 impl Worker {
     /// Plans reads of `sectors` into buffer slot `buf` starting at byte `pos`.
@@ -385,9 +406,7 @@ impl Worker {
             return;
         }
         let small = (sectors.end - sectors.start) * SECTOR <= FILL_MAX_WRITE;
-        let per = PREALLOC / SECTOR;
-        let (first, last) = (sectors.start / per, (sectors.end - 1) / per);
-        for piece in first..=last {
+        for piece in pieces(&sectors) {
             let Some(cow) = self.cow.as_mut() else { return };
             let (word, bit) = ((piece / 64) as usize, 1u64 << (piece % 64));
             let Some(w) = cow.prealloc.get_mut(word) else {
@@ -404,7 +423,8 @@ impl Worker {
             if let Some(t) = cow.touched.get_mut(word) {
                 *t |= bit;
             }
-            let span = piece * per..(piece * per + per).min(cow.mapped);
+            let span = self.piece_sectors(piece);
+            let Some(cow) = self.cow.as_ref() else { return };
             let at = |slot| {
                 Some(BufRef {
                     slot,
@@ -457,14 +477,17 @@ impl Worker {
         }
     }
 
+    /// The overlay's sectors in `piece` (the last piece may be short).
+    fn piece_sectors(&self, piece: u64) -> Range<u64> {
+        let mapped = self.cow.as_ref().map_or(0, |c| c.mapped);
+        let start = piece * PIECE_SECTORS;
+        start..(start + PIECE_SECTORS).min(mapped)
+    }
+
     /// Whether a piece `sectors` touch is being filled.
     fn touches_filling(&self, sectors: &Range<u64>) -> bool {
-        if self.filling.is_empty() || sectors.is_empty() {
-            return false;
-        }
-        let per = PREALLOC / SECTOR;
-        let (first, last) = (sectors.start / per, (sectors.end - 1) / per);
-        self.filling.iter().any(|p| (first..=last).contains(p))
+        let touched = pieces(sectors);
+        self.filling.iter().any(|p| touched.contains(p))
     }
 
     /// The backing's data for a piece is in copy buffer `slot` (or the read
@@ -475,7 +498,7 @@ impl Worker {
         let offset = cow.data_offset + start;
         let Ok(done) = c.result else {
             self.copy_free.push(slot);
-            self.release_piece(offset);
+            self.release_piece(start / PREALLOC);
             return;
         };
         // Past the backing's end the device reads zeros.
@@ -506,24 +529,20 @@ impl Worker {
     /// overlay now holds what the device reads there.
     pub(super) fn filled(&mut self, slot: u32, c: &Completion) {
         let Some(cow) = self.cow.as_ref() else { return };
-        let offset = c.op.offset;
-        if self.copy_slots.contains(&slot) {
+        let piece = c.op.offset.saturating_sub(cow.data_offset) / PREALLOC;
+        // Any buffer but the zeros is a copy buffer.
+        if self.zero_slot != Some(slot) {
             if c.result.is_ok() {
-                let per = PREALLOC / SECTOR;
-                let piece = offset.saturating_sub(cow.data_offset) / PREALLOC;
-                let span = piece * per..(piece * per + per).min(cow.mapped);
-                self.set_bits(span);
+                self.set_bits(self.piece_sectors(piece));
             }
             self.copy_free.push(slot);
         }
-        self.release_piece(offset);
+        self.release_piece(piece);
     }
 
-    /// The fill at overlay offset `offset` is over: the writes it held go
-    /// on, once no other fill holds them.
-    fn release_piece(&mut self, offset: u64) {
-        let Some(cow) = self.cow.as_ref() else { return };
-        let piece = offset.saturating_sub(cow.data_offset) / PREALLOC;
+    /// The fill of `piece` is over: the writes it held go on, once no other
+    /// fill holds them.
+    fn release_piece(&mut self, piece: u64) {
         self.filling.retain(|p| *p != piece);
         let mut i = 0;
         while i < self.parked.len() {
@@ -539,15 +558,8 @@ impl Worker {
     /// Forgets the preallocation of the pieces `sectors` touch (a hole was
     /// punched there).
     fn forget_preallocation(&mut self, sectors: Range<u64>) {
-        let Some(cow) = self.cow.as_mut() else { return };
-        if sectors.is_empty() {
-            return;
-        }
-        let per = PREALLOC / SECTOR;
-        for piece in sectors.start / per..=(sectors.end - 1) / per {
-            if let Some(w) = cow.prealloc.get_mut((piece / 64) as usize) {
-                *w &= !(1u64 << (piece % 64));
-            }
+        if let Some(cow) = self.cow.as_mut() {
+            mark(&mut cow.prealloc, pieces(&sectors), false);
         }
     }
 
@@ -572,15 +584,8 @@ impl Worker {
 
     /// Marks the pieces `sectors` touch as changed this session.
     fn touch(&mut self, sectors: Range<u64>) {
-        let Some(cow) = self.cow.as_mut() else { return };
-        if sectors.is_empty() {
-            return;
-        }
-        let per = PREALLOC / SECTOR;
-        for piece in sectors.start / per..=(sectors.end - 1) / per {
-            if let Some(t) = cow.touched.get_mut((piece / 64) as usize) {
-                *t |= 1u64 << (piece % 64);
-            }
+        if let Some(cow) = self.cow.as_mut() {
+            mark(&mut cow.touched, pieces(&sectors), true);
         }
     }
 

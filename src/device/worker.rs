@@ -219,7 +219,7 @@ pub(super) struct Cow {
     pub(super) backing: Arc<File>,
     /// Pieces of `PREALLOC` bytes of the data area allocated this session.
     pub(super) prealloc: Vec<u64>,
-    /// Pieces written (or preallocated) this session; never cleared.
+    /// Pieces written, zeroed or preallocated this session; never cleared.
     pub(super) touched: Vec<u64>,
 }
 
@@ -261,15 +261,14 @@ pub struct Worker {
     spin: std::time::Duration,
     /// The slot of `PREALLOC` bytes of zeros, when pieces are filled.
     pub(super) zero_slot: Option<u32>,
-    /// The slots of the copy buffers, and those not in use.
-    pub(super) copy_slots: Range<u32>,
+    /// The slots of the copy buffers not in use.
     pub(super) copy_free: Vec<u32>,
     /// A FLUSH or a FUA write came this session: copying pieces pays.
     pub(super) flushed: bool,
     /// Pieces whose fill is in flight.
     pub(super) filling: Vec<u64>,
-    /// Data writes into pieces being filled, with their sectors: pushed
-    /// when no piece they touch is filling any more.
+    /// Writes and zeroings into pieces being filled, with their sectors:
+    /// pushed when no piece they touch is filling any more.
     pub(super) parked: Vec<(Range<u64>, Op)>,
 }
 
@@ -420,7 +419,6 @@ impl Worker {
             locks: RangeLocks::new(max_requests),
             scratch_free: (mr..mr + SCRATCH).rev().collect(),
             zero_slot,
-            copy_slots: copy_base..conn_base,
             copy_free,
             flushed: false,
             filling: Vec::with_capacity(max_requests),
