@@ -497,6 +497,87 @@ fn close_with_hundreds_in_flight() {
     f.assert_base_untouched();
 }
 
+/// A first write into a MiB where the backing file has only a hole copies
+/// nothing: the hole stays the backing's, and only the written sectors become
+/// the overlay's. A MiB with some backing data is copied whole.
+#[test]
+fn a_first_write_over_a_backing_hole_copies_nothing() {
+    use std::os::unix::fs::FileExt;
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    // MiB 0: data; MiB 1: a hole; MiB 2: a hole, then data from 512 KiB on.
+    let mut base_data = vec![0u8; 3 * MIB];
+    let random = common::pseudo_random_bytes(21, 2 * MIB);
+    base_data[..MIB].copy_from_slice(&random[..MIB]);
+    base_data[2 * MIB + MIB / 2..].copy_from_slice(&random[MIB..MIB + MIB / 2]);
+    {
+        let file = fs::File::create(&base).unwrap();
+        file.set_len(base_data.len() as u64).unwrap();
+        file.write_all_at(&base_data[..MIB], 0).unwrap();
+        let tail = 2 * MIB + MIB / 2;
+        file.write_all_at(&base_data[tail..], tail as u64).unwrap();
+        file.sync_all().unwrap();
+        let hole = ubd::image::next_data(&file, MIB as u64, 2 * MIB as u64);
+        assert_eq!(
+            hole,
+            2 * MIB as u64,
+            "the file system under {} reports no holes (SEEK_DATA)",
+            dir.path().display()
+        );
+    }
+    let cow = dir.path().join("cow.img");
+    create_overlay(&cow, &base, false).unwrap();
+    let f = Fixture {
+        base_mtime: fs::metadata(&base).unwrap().modified().unwrap(),
+        _dir: dir,
+        base,
+        cow,
+        base_data,
+    };
+    let mut model = model_of(&f);
+    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
+    // A FLUSH first: from now on first writes copy.
+    dev.flush().unwrap();
+    for mib in 0..3 {
+        let p = mib * MIB + 8 * SECTOR;
+        let byte = 0xB0 + mib as u8;
+        dev.write_at(p as u64, &[byte; 4096], Flags::default())
+            .unwrap();
+        model.write(p..p + 4096, &[byte; 4096]);
+    }
+    assert_reads(&dev, &model, "");
+    // Runs of (length, depth), adjacent runs of one depth merged.
+    let depths = |dev: &Device| {
+        let mut runs: Vec<(u64, u8)> = Vec::new();
+        for e in dev.block_status(0, dev.capacity()).unwrap() {
+            match runs.last_mut() {
+                Some(last) if last.1 == e.depth => last.0 += e.len,
+                _ => runs.push((e.len, e.depth)),
+            }
+        }
+        runs
+    };
+    // MiB 0 copied; in MiB 1 only the 4 KiB written after its first 8
+    // sectors, the rest left to the backing's hole; MiB 2 copied.
+    let (mib, head) = (MIB as u64, 8 * SECTOR as u64);
+    let expect = vec![
+        (mib, 1),
+        (head, 2),
+        (4096, 1),
+        (mib - head - 4096, 2),
+        (mib, 1),
+    ];
+    assert_eq!(depths(&dev), expect);
+    dev.flush().unwrap();
+    dev.close().unwrap();
+    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
+    assert_reads(&dev, &model, "after reopening, ");
+    assert_eq!(depths(&dev), expect, "after reopening");
+    dev.close().unwrap();
+    f.assert_base_untouched();
+}
+
 /// A raw image is a device too: capacity is its length, writes land in place.
 #[test]
 fn raw_image_with_a_ragged_end() {

@@ -14,11 +14,18 @@ use std::ops::{Range, RangeInclusive};
 
 use super::Command;
 use super::worker::{
-    FILE_BACKING, FILE_MAIN, FILL_MAX_WRITE, P_COPY, P_DATA, P_FILL, P_MERGE, P_PREALLOC, PREALLOC,
-    SECTOR, Stage, Worker, tag,
+    Cow, FILE_BACKING, FILE_MAIN, FILL_MAX_WRITE, P_COPY, P_DATA, P_FILL, P_MERGE, P_PREALLOC,
+    PREALLOC, SECTOR, Stage, Worker, tag,
 };
 use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{BufRef, Completion, Op, OpKind};
+
+/// Whether the backing file has data (not only holes) in `len` bytes at
+/// `start`; a file system without SEEK_DATA reports data everywhere.
+fn backing_has_data(cow: &Cow, start: u64, len: u64) -> bool {
+    let end = start.saturating_add(len).min(cow.backing_len);
+    start < end && crate::image::next_data(&cow.backing, start, end) < end
+}
 
 /// Sectors per `PREALLOC` piece of the overlay's data area.
 const PIECE_SECTORS: u64 = PREALLOC / SECTOR;
@@ -399,8 +406,11 @@ impl Worker {
     /// bits are set once that write completes: it then holds what the device
     /// reads there, so later writes into the piece set no new bits and a
     /// FLUSH after them costs one sync, not two (a client that never
-    /// flushes gains nothing from the copy). Otherwise the piece is written
-    /// with zeros, which are harmless: no bit points at them.
+    /// flushes gains nothing from the copy). A piece where the backing file
+    /// has only holes (or ends) is not copied: its zeros would become the
+    /// overlay's data, which `ubd map` would show and `ubd commit` would
+    /// write into the backing's holes. Otherwise the piece is written with
+    /// zeros, which are harmless: no bit points at them.
     fn preallocate(&mut self, sectors: Range<u64>) {
         if !self.main_direct || sectors.is_empty() || self.cow.is_none() {
             return;
@@ -436,7 +446,7 @@ impl Worker {
             let op = match (fill, self.zero_slot) {
                 (true, Some(zeros)) => {
                     self.filling.push(piece);
-                    let copy = if self.flushed {
+                    let copy = if self.flushed && backing_has_data(cow, start, len) {
                         self.copy_free.pop()
                     } else {
                         None
