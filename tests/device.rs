@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
-use ubd::device::{Command, Device, DeviceOptions, Flags, Reply, Request, Sink, Waiter};
+use ubd::device::{
+    Command, Device, DeviceOptions, Event, Flags, Recorder, Reply, Request, Role, Sink, Waiter,
+};
 use ubd::image::{Cache, create_overlay};
 
 const SECTOR: usize = 512;
@@ -576,6 +578,108 @@ fn a_first_write_over_a_backing_hole_copies_nothing() {
     assert_eq!(depths(&dev), expect, "after reopening");
     dev.close().unwrap();
     f.assert_base_untouched();
+}
+
+/// Close right after small first writes into many MiBs, once a FLUSH made
+/// them copy their MiB from the backing: close waits for the copies and
+/// their fills (no write is left in flight, none lands after), and every
+/// byte reads back after reopening. Tried until a copy was seen in flight
+/// when close was called.
+#[test]
+fn close_with_copies_in_flight() {
+    const MIB: usize = 1 << 20;
+    const MIBS: usize = 24;
+    const CLOSE: u64 = 1;
+    const CLOSED: u64 = 2;
+    let mut seen = false;
+    for attempt in 0..10 {
+        let f = fixture(MIBS * MIB, 40 + attempt);
+        let recorder = Arc::new(Recorder::new());
+        let o = DeviceOptions {
+            recorder: Some(recorder.clone()),
+            ..opts(false, Cache::None)
+        };
+        let dev = Device::open(&f.cow, &o).unwrap();
+        let mut model = model_of(&f);
+        dev.flush().unwrap();
+        let sink = Arc::new(Collect::default());
+        for mib in 0..MIBS {
+            let offset = mib * MIB + 8 * SECTOR;
+            let byte = 1 + mib as u8;
+            let mut data = dev.alloc(offset as u64, 4096).unwrap();
+            data.copy_from_at(0, &[byte; 4096]);
+            model.write(offset..offset + 4096, &[byte; 4096]);
+            let request = Request {
+                command: Command::Write,
+                offset: offset as u64,
+                len: 4096,
+                flags: Flags::default(),
+                data: Some(data),
+                token: mib as u64,
+            };
+            dev.submit(request, sink.clone());
+        }
+        recorder.mark(CLOSE);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let closer = std::thread::spawn(move || {
+            let r = dev.close();
+            let _ = tx.send(r.is_ok());
+            dev
+        });
+        let closed = rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(closed, Ok(true), "close hung or failed");
+        drop(closer.join().unwrap());
+        recorder.mark(CLOSED);
+        assert_eq!(
+            sink.done.load(Ordering::SeqCst),
+            MIBS,
+            "every request ended"
+        );
+        assert_eq!(sink.errors.load(Ordering::SeqCst), 0);
+        // Every write close let through completed before close returned.
+        let events = recorder.events();
+        let closed_at = events.iter().position(|e| *e == Event::Mark(CLOSED));
+        let (before, after) = events.split_at(closed_at.unwrap());
+        let mut open = std::collections::BTreeSet::new();
+        for e in before {
+            match e {
+                Event::Write { op, .. } | Event::Zero { op, .. } | Event::Sync { op, .. } => {
+                    open.insert(*op);
+                }
+                Event::Done { op } => {
+                    open.remove(op);
+                }
+                Event::Mark(_) => {}
+            }
+        }
+        assert!(open.is_empty(), "ops still in flight after close: {open:?}");
+        assert_eq!(after, &[Event::Mark(CLOSED)], "ops after close returned");
+        // A copy's fill (a MiB of the backing's data) in flight at close.
+        let close_at = events.iter().position(|e| *e == Event::Mark(CLOSE));
+        let copies: Vec<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Write { op, role, data, .. }
+                    if *role == Role::Main && data.len() == MIB && data.iter().any(|b| *b != 0) =>
+                {
+                    Some(*op)
+                }
+                _ => None,
+            })
+            .collect();
+        let late = events[close_at.unwrap()..].iter().any(
+            |e| matches!(e, Event::Write { op, .. } | Event::Done { op } if copies.contains(op)),
+        );
+        seen |= late;
+        let dev = Device::open(&f.cow, &o).unwrap();
+        assert_reads(&dev, &model, "after reopening, ");
+        dev.close().unwrap();
+        f.assert_base_untouched();
+        if seen {
+            break;
+        }
+    }
+    assert!(seen, "no copy was in flight when close was called");
 }
 
 /// A raw image is a device too: capacity is its length, writes land in place.
