@@ -48,6 +48,7 @@ CPU_TARGETS = [
 ]
 MULTI_CONN_TARGETS = [
     ("randread-4x8", "randread-qd32", "4K random read: 4 connections x QD8 vs 1 x QD32"),
+    ("randread-4x32", "randread-qd32", "4K random read: 4 connections x QD32 vs 1 x QD32"),
     (
         "randwrite-4x8-first",
         "randwrite-qd32-first",
