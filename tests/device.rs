@@ -470,16 +470,7 @@ fn close_with_hundreds_in_flight() {
                 sink.clone(),
             );
         }
-        // Close at once, from another thread, with a deadline.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let closer = std::thread::spawn(move || {
-            let r = dev.close();
-            let _ = tx.send(r.is_ok());
-            dev
-        });
-        let closed = rx.recv_timeout(Duration::from_secs(60));
-        assert_eq!(closed, Ok(true), "close hung or failed");
-        drop(closer.join().unwrap());
+        close_within_a_minute(dev);
         assert_eq!(
             sink.done.load(Ordering::SeqCst),
             total,
@@ -497,6 +488,20 @@ fn close_with_hundreds_in_flight() {
         dev.close().unwrap();
     }
     f.assert_base_untouched();
+}
+
+/// Closes `dev` from another thread; fails the test if close fails or
+/// takes over a minute (a hang).
+fn close_within_a_minute(dev: Device) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let closer = std::thread::spawn(move || {
+        let r = dev.close();
+        let _ = tx.send(r.is_ok());
+        dev
+    });
+    let closed = rx.recv_timeout(Duration::from_secs(60));
+    assert_eq!(closed, Ok(true), "close hung or failed");
+    drop(closer.join().unwrap());
 }
 
 /// A first write into a MiB where the backing file has only a hole copies
@@ -620,15 +625,7 @@ fn close_with_copies_in_flight() {
             dev.submit(request, sink.clone());
         }
         recorder.mark(CLOSE);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let closer = std::thread::spawn(move || {
-            let r = dev.close();
-            let _ = tx.send(r.is_ok());
-            dev
-        });
-        let closed = rx.recv_timeout(Duration::from_secs(60));
-        assert_eq!(closed, Ok(true), "close hung or failed");
-        drop(closer.join().unwrap());
+        close_within_a_minute(dev);
         recorder.mark(CLOSED);
         assert_eq!(
             sink.done.load(Ordering::SeqCst),
