@@ -20,11 +20,12 @@ LABELS = {
     "qemu-nbd-none": "qemu-nbd qcow2 --cache=none --aio=io_uring",
     "qemu-nbd-writeback": "qemu-nbd qcow2 --cache=writeback --aio=io_uring",
     "nbdkit-cow": "nbdkit --filter=cow file cache=none (its overlay is an unlinked temporary file, gone when nbdkit exits)",
+    "nbd-server-cow": "nbd-server copyonwrite = true (a buffered diff file per connection, deleted when it ends; a process per connection)",
     "nbdkit-null": "nbdkit null (reference: transport only)",
     "disk": "fio io_uring O_DIRECT on the raw file (reference: no NBD; reads the base, writes a preallocated copy of it)",
 }
-PEERS = ["qemu-nbd-none", "qemu-nbd-writeback", "nbdkit-cow"]
-BUFFERED_PEERS = ["qemu-nbd-writeback", "nbdkit-cow"]
+PEERS = ["qemu-nbd-none", "qemu-nbd-writeback", "nbdkit-cow", "nbd-server-cow"]
+BUFFERED_PEERS = ["qemu-nbd-writeback", "nbdkit-cow", "nbd-server-cow"]
 METRICS = ["iops", "mbps", "p50_us", "p99_us", "cpu_us_per_io"]
 
 # The targets of the `ubd serve` issue (issue 4), as issue 5 restates them.
@@ -176,7 +177,7 @@ def report(a):
             titles[k[len("workload:") :]] = (title, fio)
 
     md = []
-    md.append(f"# fio over NBD: ubd serve against qemu-nbd and nbdkit ({meta['date'][:10]})")
+    md.append(f"# fio over NBD: ubd serve against qemu-nbd, nbdkit and nbd-server ({meta['date'][:10]})")
     md.append("")
     if meta.get("quick") == "1":
         md.append("**Quick mode: a smoke test of the script; these numbers mean nothing.**")
@@ -209,10 +210,10 @@ def report(a):
     md.append(
         "Each cell is the median of the runs; IOPS and CPU show the spread (min-max). "
         "p50/p99 are fio's completion latency (reads and writes together). CPU is the "
-        "server process's user + system time (from /proc/PID/stat, just before and after "
-        "the fio run) per I/O. *vs best peer*: IOPS over the best median of qemu-nbd "
-        "(either cache mode) and nbdkit for that workload; *vs disk*: over fio on the raw "
-        "file without NBD."
+        "server process's user + system time, with its reaped children's (from "
+        "/proc/PID/stat, just before and after the fio run), per I/O. *vs best peer*: IOPS "
+        "over the best median of qemu-nbd (either cache mode), nbdkit's cow filter and "
+        "nbd-server for that workload; *vs disk*: over fio on the raw file without NBD."
     )
     md.append("")
 
@@ -324,8 +325,9 @@ def report(a):
     md.append("")
     md.append(
         f"{targets_met} met, {targets_missed} missed. Ratios are of median IOPS; "
-        "the buffered peers are qemu-nbd --cache=writeback and nbdkit's cow filter "
-        "(its overlay is a buffered temporary file)."
+        "the buffered peers are qemu-nbd --cache=writeback, nbdkit's cow filter "
+        "(its overlay is a buffered temporary file) and nbd-server's copyonwrite mode "
+        "(a buffered diff file per connection, deleted when the connection ends)."
     )
     md.append("")
 

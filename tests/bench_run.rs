@@ -9,12 +9,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SERVERS: [&str; 7] = [
+const SERVERS: [&str; 8] = [
     "ubd-none",
     "ubd-writeback",
     "qemu-nbd-none",
     "qemu-nbd-writeback",
     "nbdkit-cow",
+    "nbd-server-cow",
     "nbdkit-null",
     "disk",
 ];
@@ -61,6 +62,7 @@ fn bench_run_quick_reports_every_server_and_workload() {
     for (tool, package) in [
         ("fio", "fio"),
         ("nbdkit", "nbdkit"),
+        ("nbd-server", "nbd-server"),
         ("nbdcopy", "libnbd-bin"),
         ("nbdinfo", "libnbd-bin"),
         ("qemu-img", "qemu-utils"),
@@ -96,7 +98,9 @@ fn bench_run_quick_reports_every_server_and_workload() {
             .lines()
             .filter(|l| l.starts_with(&format!("| {server} |")))
             .count();
-        assert_eq!(rows, WORKLOADS.len(), "rows for {server} in\n{md}");
+        // nbd-server's diff lasts one connection: no rewrite case for it.
+        let want = WORKLOADS.len() - usize::from(server == "nbd-server-cow");
+        assert_eq!(rows, want, "rows for {server} in\n{md}");
     }
     for workload in WORKLOADS {
         assert!(md.contains(&format!("`{workload}`")), "{workload} in\n{md}");
@@ -152,12 +156,17 @@ fn bench_run_quick_reports_every_server_and_workload() {
     let want: BTreeSet<(String, String)> = WORKLOADS
         .iter()
         .flat_map(|w| SERVERS.iter().map(|s| (w.to_string(), s.to_string())))
+        .filter(|(w, s)| !(w == "randwrite-qd32-rewrite" && s == "nbd-server-cow"))
         .collect();
     assert_eq!(seen, want);
+    assert!(
+        md.contains("nbd-server-cow is not measured on randwrite-qd32-rewrite"),
+        "the report says why a case is missing:\n{md}"
+    );
 
     // Every run is recorded, and the work directory is gone.
     let runs = fs::read_to_string(only_file(&out, "-runs.csv")).unwrap();
-    assert_eq!(runs.lines().count(), 1 + SERVERS.len() * WORKLOADS.len());
+    assert_eq!(runs.lines().count(), 1 + want.len());
     assert_eq!(
         fs::read_dir(&work).unwrap().count(),
         0,
