@@ -506,9 +506,15 @@ fn close_within_a_minute(dev: Device) {
 
 /// A first write into a MiB where the backing file has only a hole copies
 /// nothing: the hole stays the backing's, and only the written sectors become
-/// the overlay's. A MiB with some backing data is copied whole.
+/// the overlay's. A MiB with some backing data is copied whole. With direct
+/// I/O and through the page cache.
 #[test]
 fn a_first_write_over_a_backing_hole_copies_nothing() {
+    first_write_over_a_backing_hole(Cache::None);
+    first_write_over_a_backing_hole(Cache::Writeback);
+}
+
+fn first_write_over_a_backing_hole(cache: Cache) {
     use std::os::unix::fs::FileExt;
     const MIB: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
@@ -543,7 +549,7 @@ fn a_first_write_over_a_backing_hole_copies_nothing() {
         base_data,
     };
     let mut model = model_of(&f);
-    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
+    let dev = Device::open(&f.cow, &opts(false, cache)).unwrap();
     // A FLUSH first: from now on first writes copy.
     dev.flush().unwrap();
     for mib in 0..3 {
@@ -553,7 +559,7 @@ fn a_first_write_over_a_backing_hole_copies_nothing() {
             .unwrap();
         model.write(p..p + 4096, &[byte; 4096]);
     }
-    assert_reads(&dev, &model, "");
+    assert_reads(&dev, &model, &format!("{cache:?}: "));
     // Runs of (length, depth), adjacent runs of one depth merged.
     let depths = |dev: &Device| {
         let mut runs: Vec<(u64, u8)> = Vec::new();
@@ -575,12 +581,12 @@ fn a_first_write_over_a_backing_hole_copies_nothing() {
         (mib - head - 4096, 2),
         (mib, 1),
     ];
-    assert_eq!(depths(&dev), expect);
+    assert_eq!(depths(&dev), expect, "{cache:?}");
     dev.flush().unwrap();
     dev.close().unwrap();
-    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
-    assert_reads(&dev, &model, "after reopening, ");
-    assert_eq!(depths(&dev), expect, "after reopening");
+    let dev = Device::open(&f.cow, &opts(false, cache)).unwrap();
+    assert_reads(&dev, &model, &format!("{cache:?}, after reopening: "));
+    assert_eq!(depths(&dev), expect, "after reopening, {cache:?}");
     dev.close().unwrap();
     f.assert_base_untouched();
 }
@@ -589,9 +595,14 @@ fn a_first_write_over_a_backing_hole_copies_nothing() {
 /// them copy their MiB from the backing: close waits for the copies and
 /// their fills (no write is left in flight, none lands after), and every
 /// byte reads back after reopening. Tried until a copy was seen in flight
-/// when close was called.
+/// when close was called. With direct I/O and through the page cache.
 #[test]
 fn close_with_copies_in_flight() {
+    close_with_copies(Cache::None);
+    close_with_copies(Cache::Writeback);
+}
+
+fn close_with_copies(cache: Cache) {
     const MIB: usize = 1 << 20;
     const MIBS: usize = 24;
     const CLOSE: u64 = 1;
@@ -602,7 +613,7 @@ fn close_with_copies_in_flight() {
         let recorder = Arc::new(Recorder::new());
         let o = DeviceOptions {
             recorder: Some(recorder.clone()),
-            ..opts(false, Cache::None)
+            ..opts(false, cache)
         };
         let dev = Device::open(&f.cow, &o).unwrap();
         let mut model = model_of(&f);
@@ -669,14 +680,17 @@ fn close_with_copies_in_flight() {
         );
         seen |= late;
         let dev = Device::open(&f.cow, &o).unwrap();
-        assert_reads(&dev, &model, "after reopening, ");
+        assert_reads(&dev, &model, &format!("{cache:?}, after reopening: "));
         dev.close().unwrap();
         f.assert_base_untouched();
         if seen {
             break;
         }
     }
-    assert!(seen, "no copy was in flight when close was called");
+    assert!(
+        seen,
+        "{cache:?}: no copy was in flight when close was called"
+    );
 }
 
 /// A raw image is a device too: capacity is its length, writes land in place.
@@ -842,13 +856,19 @@ fn first_writes_into_a_mib_keep_what_is_there() {
 /// written sectors are the overlay's. Zeroings into such a MiB, submitted
 /// just before or after that first write, keep their zeros: the fill never
 /// lands over them. The last MiB is partly past the backing file's end.
+/// Through the page cache too.
 #[test]
 fn a_first_write_copies_its_mib_under_zeroings_in_flight() {
+    first_write_copies_under_zeroings(Cache::None);
+    first_write_copies_under_zeroings(Cache::Writeback);
+}
+
+fn first_write_copies_under_zeroings(cache: Cache) {
     const MIB: usize = 1 << 20;
     let size = 3 * MIB + 300_000;
     let f = fixture(size, 9);
     let mut model = model_of(&f);
-    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
+    let dev = Device::open(&f.cow, &opts(false, cache)).unwrap();
     let at = |mib: usize, sector: usize| (mib * MIB + sector * SECTOR) as u64;
     let write = |offset: u64, byte: u8| {
         let mut data = dev.alloc(offset, 4096).unwrap();
@@ -898,7 +918,7 @@ fn a_first_write_copies_its_mib_under_zeroings_in_flight() {
     let p = at(3, 100);
     dev.write_at(p, &[0xA3; 4096], Flags::default()).unwrap();
     model.write(p as usize..p as usize + 4096, &[0xA3; 4096]);
-    assert_reads(&dev, &model, "");
+    assert_reads(&dev, &model, &format!("{cache:?}: "));
     // MiB 3 is the overlay's, all of it; MiB 2 only where written.
     let depths = |dev: &Device| {
         let e = dev
@@ -913,12 +933,12 @@ fn a_first_write_copies_its_mib_under_zeroings_in_flight() {
         (rest, 2),
         (dev.capacity() - at(3, 0), 1),
     ];
-    assert_eq!(depths(&dev), expect);
+    assert_eq!(depths(&dev), expect, "{cache:?}");
     dev.flush().unwrap();
     dev.close().unwrap();
-    let dev = Device::open(&f.cow, &opts(false, Cache::None)).unwrap();
-    assert_reads(&dev, &model, "after reopening, ");
-    assert_eq!(depths(&dev), expect, "after reopening");
+    let dev = Device::open(&f.cow, &opts(false, cache)).unwrap();
+    assert_reads(&dev, &model, &format!("{cache:?}, after reopening: "));
+    assert_eq!(depths(&dev), expect, "after reopening, {cache:?}");
     dev.close().unwrap();
     f.assert_base_untouched();
 }

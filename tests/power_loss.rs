@@ -505,43 +505,57 @@ fn every_power_cut_keeps_what_flush_and_fua_promised() {
 }
 
 /// A FLUSH costs one sync where its writes set no new bit (a rewrite, or a
-/// write into a MiB the overlay holds a copy of), and two where they do.
+/// write into a MiB the overlay holds a copy of), and two where they do;
+/// with direct I/O and through the page cache.
 #[test]
 fn a_flush_needs_a_bitmap_write_only_for_new_bits() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.img");
-    fs::write(&base, pseudo_random_bytes(5, BASE_LEN)).unwrap();
-    let cow = dir.path().join("cow.img");
-    create_overlay(&cow, &base, false).unwrap();
-    let recorder = Arc::new(Recorder::new());
-    let dev = Device::open(
-        &cow,
-        &DeviceOptions {
-            cache: Cache::None,
-            recorder: Some(recorder.clone()),
-            ..DeviceOptions::default()
-        },
-    )
-    .unwrap();
-    // Syncs issued by one write and the FLUSH after it.
-    let syncs = |offset: u64| {
-        let before = recorder.events().len();
-        dev.write_at(offset, &[0x5c; 4096], Flags::default())
-            .unwrap();
-        dev.flush().unwrap();
-        recorder.events()[before..]
-            .iter()
-            .filter(|e| matches!(e, Event::Sync { .. }))
-            .count()
-    };
-    const MIB: u64 = 1 << 20;
-    // No FLUSH came yet: the write sets its own bits only.
-    assert_eq!(syncs(MIB), 2, "a first write");
-    assert_eq!(syncs(MIB), 1, "a rewrite");
-    assert_eq!(syncs(MIB + 8192), 2, "a first write next to it");
-    // Now the first write into MiB 2 copies it: its bits are all set.
-    assert_eq!(syncs(2 * MIB + 4096), 2, "the write that copies its MiB");
-    assert_eq!(syncs(2 * MIB + 65536), 1, "a first write into the copy");
-    assert_eq!(syncs(3 * MIB - 4096), 1, "another one");
-    dev.close().unwrap();
+    for cache in [Cache::None, Cache::Writeback] {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        fs::write(&base, pseudo_random_bytes(5, BASE_LEN)).unwrap();
+        let cow = dir.path().join("cow.img");
+        create_overlay(&cow, &base, false).unwrap();
+        let recorder = Arc::new(Recorder::new());
+        let dev = Device::open(
+            &cow,
+            &DeviceOptions {
+                cache,
+                recorder: Some(recorder.clone()),
+                ..DeviceOptions::default()
+            },
+        )
+        .unwrap();
+        // Syncs issued by one write and the FLUSH after it.
+        let syncs = |offset: u64| {
+            let before = recorder.events().len();
+            dev.write_at(offset, &[0x5c; 4096], Flags::default())
+                .unwrap();
+            dev.flush().unwrap();
+            recorder.events()[before..]
+                .iter()
+                .filter(|e| matches!(e, Event::Sync { .. }))
+                .count()
+        };
+        const MIB: u64 = 1 << 20;
+        let what = |w: &str| format!("{w}, {cache:?}");
+        // No FLUSH came yet: the write sets its own bits only.
+        assert_eq!(syncs(MIB), 2, "{}", what("a first write"));
+        assert_eq!(syncs(MIB), 1, "{}", what("a rewrite"));
+        assert_eq!(syncs(MIB + 8192), 2, "{}", what("a first write next to it"));
+        // Now the first write into MiB 2 copies it: its bits are all set.
+        assert_eq!(
+            syncs(2 * MIB + 4096),
+            2,
+            "{}",
+            what("the write that copies its MiB")
+        );
+        assert_eq!(
+            syncs(2 * MIB + 65536),
+            1,
+            "{}",
+            what("a first write into the copy")
+        );
+        assert_eq!(syncs(3 * MIB - 4096), 1, "{}", what("another one"));
+        dev.close().unwrap();
+    }
 }

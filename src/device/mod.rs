@@ -152,11 +152,11 @@ pub struct DeviceOptions {
     pub poll: Duration,
     /// Retry a lock another process holds for this long.
     pub lock_wait: Duration,
-    /// With direct I/O, once a FLUSH or FUA write came, a small first write
-    /// into an empty MiB of the overlay copies the backing's data over that
-    /// MiB first and makes all of it the overlay's, so a FLUSH after later
-    /// writes there costs one sync, not two. Off, only written sectors
-    /// become the overlay's (tools that build the smallest overlay).
+    /// Once a FLUSH or FUA write came, a small first write into an empty MiB
+    /// of the overlay copies the backing's data over that MiB first and
+    /// makes all of it the overlay's, so a FLUSH after later writes there
+    /// costs one sync, not two. Off, only written sectors become the
+    /// overlay's (tools that build the smallest overlay).
     pub copy_up: bool,
     /// Poison pool chunks when they are freed (tests: use after free shows).
     pub poison_on_free: bool,

@@ -411,8 +411,13 @@ impl Worker {
     /// overlay's data, which `ubd map` would show and `ubd commit` would
     /// write into the backing's holes. Otherwise the piece is written with
     /// zeros, which are harmless: no bit points at them.
+    ///
+    /// Through the page cache the host allocates blocks when it writes them
+    /// back, so nothing is allocated or zero-filled ahead; only the copy is
+    /// made, for the same reason as above: the bitmap write and the second
+    /// sync a FLUSH costs after a first write into a piece.
     fn preallocate(&mut self, sectors: Range<u64>) {
-        if !self.main_direct || sectors.is_empty() || self.cow.is_none() {
+        if sectors.is_empty() || self.cow.is_none() {
             return;
         }
         let small = (sectors.end - sectors.start) * SECTOR <= FILL_MAX_WRITE;
@@ -443,36 +448,37 @@ impl Worker {
                 })
             };
             let fill = small && first_touch && cow.ram.count(span) == 0;
-            let op = match (fill, self.zero_slot) {
-                (true, Some(zeros)) => {
+            let copy = if fill && self.flushed && backing_has_data(cow, start, len) {
+                self.copy_free.pop()
+            } else {
+                None
+            };
+            let op = match (copy, self.zero_slot) {
+                // The tail past the backing's end reads short; it is zeroed
+                // then (`copied`).
+                (Some(copy), _) => {
                     self.filling.push(piece);
-                    let copy = if self.flushed && backing_has_data(cow, start, len) {
-                        self.copy_free.pop()
-                    } else {
-                        None
-                    };
-                    match copy {
-                        // The tail past the backing's end reads short; it is
-                        // zeroed then (`copied`).
-                        Some(copy) => Op {
-                            kind: OpKind::Read,
-                            file: FILE_BACKING,
-                            offset: start,
-                            len,
-                            buf: at(copy),
-                            tag: tag(P_COPY, copy),
-                        },
-                        None => Op {
-                            kind: OpKind::Write,
-                            file: FILE_MAIN,
-                            offset,
-                            len,
-                            buf: at(zeros),
-                            tag: tag(P_FILL, zeros),
-                        },
+                    Op {
+                        kind: OpKind::Read,
+                        file: FILE_BACKING,
+                        offset: start,
+                        len,
+                        buf: at(copy),
+                        tag: tag(P_COPY, copy),
                     }
                 }
-                _ => Op {
+                (None, Some(zeros)) if fill => {
+                    self.filling.push(piece);
+                    Op {
+                        kind: OpKind::Write,
+                        file: FILE_MAIN,
+                        offset,
+                        len,
+                        buf: at(zeros),
+                        tag: tag(P_FILL, zeros),
+                    }
+                }
+                _ if self.main_direct => Op {
                     kind: OpKind::Fallocate {
                         mode: libc::FALLOC_FL_KEEP_SIZE,
                     },
@@ -482,6 +488,7 @@ impl Worker {
                     buf: None,
                     tag: tag(P_PREALLOC, 0),
                 },
+                _ => continue,
             };
             self.push(op);
         }

@@ -367,7 +367,7 @@ impl Worker {
                 }
                 // Buffers to copy the backing's data with; resident once
                 // used, at most COPY_BUFS MiB.
-                if zero_slot.is_some() && copy_up {
+                if !img.read_only && copy_up {
                     for slot in (copy_base..conn_base).rev() {
                         let buf = AlignedBuf::new(PREALLOC as usize, 4096).ok_or_else(no_mem)?;
                         if ring.attach(slot, DevBuf::Own(buf)).is_ok() {
