@@ -2008,10 +2008,15 @@ fn sigterm_under_fio_load_exits_0_and_leaves_a_clean_overlay() {
 /// qemu-io writes with FUA (writethrough). After that, a small first write
 /// into a MiB copies the MiB from the base, so the whole MiB has depth 1;
 /// with `--no-copy-up` only the written sectors do. Either way the export
-/// reads as written.
+/// reads as written. With direct I/O and through the page cache.
 #[test]
 fn no_copy_up_keeps_the_overlay_to_the_written_sectors() {
-    for (args, copied) in [(&[][..], true), (&["--no-copy-up"][..], false)] {
+    for (args, copied) in [
+        (&[][..], true),
+        (&["--no-copy-up"][..], false),
+        (&["--cache", "writeback"][..], true),
+        (&["--cache", "writeback", "--no-copy-up"][..], false),
+    ] {
         let f = fixture();
         let server = f.serve(args);
         let uri = server.uri();
