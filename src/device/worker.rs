@@ -217,7 +217,9 @@ pub(super) struct Cow {
     pub(super) dirty: Vec<bool>,
     pub(super) dirty_list: Vec<u32>,
     pub(super) backing: Arc<File>,
-    /// Pieces of `PREALLOC` bytes of the data area allocated this session.
+    /// Pieces of `PREALLOC` bytes of the data area that `preallocate` has
+    /// seen this session: allocated, filled or copied, or, through the page
+    /// cache, left to the host.
     pub(super) prealloc: Vec<u64>,
     /// Pieces written, zeroed or preallocated this session; never cleared.
     pub(super) touched: Vec<u64>,
