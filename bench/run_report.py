@@ -23,6 +23,7 @@ LABELS = {
     "nbd-server-cow": "nbd-server copyonwrite = true (a buffered diff file per connection, deleted when it ends; a process per connection)",
     "nbdkit-null": "nbdkit null (reference: transport only)",
     "disk": "fio io_uring O_DIRECT on the raw file (reference: no NBD; reads the base, writes a preallocated copy of it)",
+    "disk-fresh": "fio io_uring O_DIRECT on a fresh sparse file (reference: no NBD; first-touch workloads only, what writing new blocks costs the host)",
 }
 PEERS = ["qemu-nbd-none", "qemu-nbd-writeback", "nbdkit-cow", "nbd-server-cow"]
 BUFFERED_PEERS = ["qemu-nbd-writeback", "nbdkit-cow", "nbd-server-cow"]
@@ -244,6 +245,15 @@ def report(a):
         if best is not None:
             md.append("")
             md.append(f"Best peer: {best[0]}.")
+        fresh = med(summary, w, "disk-fresh")
+        if fresh:
+            against = [
+                f"{s} {fmt_ratio(summary[(w, s)]['iops'][0] / fresh)}"
+                for s in servers
+                if s not in ("disk", "disk-fresh") and (w, s) in summary
+            ]
+            md.append("")
+            md.append(f"Against first touch on the host (disk-fresh): {', '.join(against)}.")
         md.append("")
 
     # Targets.
@@ -339,11 +349,12 @@ def report(a):
         head = ["workload", "server", "runs"]
         for m in METRICS:
             head += [f"{m}_median", f"{m}_min", f"{m}_max"]
-        head += ["best_peer", "ratio_best_peer", "ratio_disk"]
+        head += ["best_peer", "ratio_best_peer", "ratio_disk", "ratio_disk_fresh"]
         wr.writerow(head)
         for w in workloads:
             best = best_of(summary, w, PEERS)
             disk = med(summary, w, "disk")
+            fresh = med(summary, w, "disk-fresh")
             for s in servers:
                 st = summary.get((w, s))
                 if not st:
@@ -356,6 +367,7 @@ def report(a):
                     "" if best is None else best[0],
                     "" if best is None else f"{i / best[1]:.3f}",
                     "" if not disk else f"{i / disk:.3f}",
+                    "" if not fresh else f"{i / fresh:.3f}",
                 ]
                 wr.writerow(row)
 

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SERVERS: [&str; 8] = [
+const SERVERS: [&str; 9] = [
     "ubd-none",
     "ubd-writeback",
     "qemu-nbd-none",
@@ -18,6 +18,7 @@ const SERVERS: [&str; 8] = [
     "nbd-server-cow",
     "nbdkit-null",
     "disk",
+    "disk-fresh",
 ];
 
 const WORKLOADS: [&str; 11] = [
@@ -37,6 +38,23 @@ const WORKLOADS: [&str; 11] = [
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// The workloads a server is measured on.
+fn measured(server: &str, workload: &str) -> bool {
+    match server {
+        // nbd-server's diff lasts one connection: no rewrite case for it.
+        "nbd-server-cow" => workload != "randwrite-qd32-rewrite",
+        // A first-touch reference.
+        "disk-fresh" => FIRST_TOUCH.contains(&workload),
+        _ => true,
+    }
+}
+
+const FIRST_TOUCH: [&str; 3] = [
+    "randwrite-qd32-first",
+    "randwrite-4x8-first",
+    "write-1m-qd8",
+];
 
 /// The one file in `dir` whose name ends with `suffix`.
 fn only_file(dir: &Path, suffix: &str) -> PathBuf {
@@ -98,8 +116,7 @@ fn bench_run_quick_reports_every_server_and_workload() {
             .lines()
             .filter(|l| l.starts_with(&format!("| {server} |")))
             .count();
-        // nbd-server's diff lasts one connection: no rewrite case for it.
-        let want = WORKLOADS.len() - usize::from(server == "nbd-server-cow");
+        let want = WORKLOADS.iter().filter(|w| measured(server, w)).count();
         assert_eq!(rows, want, "rows for {server} in\n{md}");
     }
     for workload in WORKLOADS {
@@ -145,24 +162,39 @@ fn bench_run_quick_reports_every_server_and_workload() {
         }
         assert!(parse_number(f[col("iops_median")], &what) > 0.0, "{what}");
         let cpu = f[col("cpu_us_per_io_median")];
-        if server == "disk" {
+        if server.starts_with("disk") {
             assert_eq!(cpu, "", "no server process for the disk reference");
         } else {
             parse_number(cpu, &what);
         }
         parse_number(f[col("ratio_best_peer")], &what);
         parse_number(f[col("ratio_disk")], &what);
+        if FIRST_TOUCH.contains(&workload) {
+            parse_number(f[col("ratio_disk_fresh")], &what);
+        } else {
+            assert_eq!(f[col("ratio_disk_fresh")], "", "{what}");
+        }
     }
     let want: BTreeSet<(String, String)> = WORKLOADS
         .iter()
         .flat_map(|w| SERVERS.iter().map(|s| (w.to_string(), s.to_string())))
-        .filter(|(w, s)| !(w == "randwrite-qd32-rewrite" && s == "nbd-server-cow"))
+        .filter(|(w, s)| measured(s, w))
         .collect();
     assert_eq!(seen, want);
     assert!(
         md.contains("nbd-server-cow is not measured on randwrite-qd32-rewrite"),
         "the report says why a case is missing:\n{md}"
     );
+    for w in FIRST_TOUCH {
+        let table: String = md
+            .split("\n## ")
+            .filter(|t| t.contains(&format!("`{w}`")))
+            .collect();
+        assert!(
+            table.contains("Against first touch on the host (disk-fresh): ubd-none "),
+            "{w}: no ratio against disk-fresh in\n{table}"
+        );
+    }
 
     // Every run is recorded, and the work directory is gone.
     let runs = fs::read_to_string(only_file(&out, "-runs.csv")).unwrap();
