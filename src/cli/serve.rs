@@ -75,9 +75,9 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
     /// Microseconds the server polls for the next completion before it
-    /// sleeps, while clients have at most two requests in flight (a client
-    /// at queue depth 1 then gets its reply without a thread wake-up in the
-    /// way); 0 turns polling off.
+    /// sleeps, while clients have had at most two requests in flight lately
+    /// (a client at queue depth 1 then gets its reply without a thread
+    /// wake-up in the way); 0 turns polling off.
     #[arg(long, value_name = "US", default_value_t = 50)]
     poll_us: u64,
     /// Keep the overlay to the sectors clients wrote: a small first write

@@ -147,8 +147,9 @@ pub struct DeviceOptions {
     pub max_requests: usize,
     /// Client connections the worker serves at once ([`Device::serve`]).
     pub max_connections: usize,
-    /// While connections have at most two requests in flight, the worker
-    /// polls this long for a completion before it sleeps (zero: never).
+    /// While connections have had at most two requests in flight lately,
+    /// the worker polls this long for a completion before it sleeps (zero:
+    /// never).
     pub poll: Duration,
     /// Retry a lock another process holds for this long.
     pub lock_wait: Duration,
