@@ -263,7 +263,9 @@ pub struct Worker {
     spin: std::time::Duration,
     /// Requests in flight, recently: the most at any pass, decaying by an
     /// eighth a pass, so a client at queue depth 32 keeps it high between
-    /// its bursts, when for a moment none of its requests is here.
+    /// its bursts, when for a moment none of its requests is here. It decays
+    /// by passes, not by time: a client that drops to depth 1 after a burst
+    /// gets polling back some 14 passes later, a sleep counting as one.
     recent_depth: usize,
     /// The slot of `PREALLOC` bytes of zeros, when pieces are filled.
     pub(super) zero_slot: Option<u32>,
