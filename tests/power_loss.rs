@@ -601,6 +601,31 @@ fn every_power_cut_keeps_what_flush_and_fua_promised() {
     );
 }
 
+/// A base of `len` random bytes (from `seed`) in `dir`, and a fresh overlay
+/// over it; returns the overlay's path.
+fn fresh_overlay(dir: &Path, seed: u64, len: usize) -> std::path::PathBuf {
+    let base = dir.join("base.img");
+    fs::write(&base, pseudo_random_bytes(seed, len)).unwrap();
+    let cow = dir.join("cow.img");
+    create_overlay(&cow, &base, false).unwrap();
+    cow
+}
+
+/// The device on `cow` with a recorder beneath it.
+fn open_recorded(cow: &Path, cache: Cache) -> (Device, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder::new());
+    let dev = Device::open(
+        cow,
+        &DeviceOptions {
+            cache,
+            recorder: Some(recorder.clone()),
+            ..DeviceOptions::default()
+        },
+    )
+    .unwrap();
+    (dev, recorder)
+}
+
 /// A FLUSH costs one sync where its writes set no new bit (a rewrite, or a
 /// write into a MiB the overlay holds a copy of), and two where they do;
 /// with direct I/O and through the page cache.
@@ -608,20 +633,8 @@ fn every_power_cut_keeps_what_flush_and_fua_promised() {
 fn a_flush_needs_a_bitmap_write_only_for_new_bits() {
     for cache in [Cache::None, Cache::Writeback] {
         let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.img");
-        fs::write(&base, pseudo_random_bytes(5, BASE_LEN)).unwrap();
-        let cow = dir.path().join("cow.img");
-        create_overlay(&cow, &base, false).unwrap();
-        let recorder = Arc::new(Recorder::new());
-        let dev = Device::open(
-            &cow,
-            &DeviceOptions {
-                cache,
-                recorder: Some(recorder.clone()),
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap();
+        let cow = fresh_overlay(dir.path(), 5, BASE_LEN);
+        let (dev, recorder) = open_recorded(&cow, cache);
         // Syncs issued by one write and the FLUSH after it.
         let syncs = |offset: u64| {
             let before = recorder.events().len();
@@ -670,21 +683,9 @@ fn flush_rounds_beside_mib_copies_claim_no_bit_early() {
     const MIBS: usize = 32;
     for cache in [Cache::None, Cache::Writeback] {
         let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("base.img");
-        fs::write(&base, pseudo_random_bytes(11, MIBS * MIB)).unwrap();
-        let cow = dir.path().join("cow.img");
-        create_overlay(&cow, &base, false).unwrap();
+        let cow = fresh_overlay(dir.path(), 11, MIBS * MIB);
         let initial = fs::read(&cow).unwrap();
-        let recorder = Arc::new(Recorder::new());
-        let dev = Device::open(
-            &cow,
-            &DeviceOptions {
-                cache,
-                recorder: Some(recorder.clone()),
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap();
+        let (dev, recorder) = open_recorded(&cow, cache);
         // Copies start once the session has seen a FLUSH.
         dev.flush().unwrap();
         let writing = AtomicUsize::new(2);
