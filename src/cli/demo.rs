@@ -79,6 +79,7 @@ pub fn run(args: Args) -> Outcome {
         max_connections: 64,
         fail_alloc: false,
         banner: Some(banner),
+        tls: None,
     })
 }
 

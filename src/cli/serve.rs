@@ -8,6 +8,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use ubd::device::{Device, DeviceOptions};
 use ubd::nbd::export::{Export, Exports};
 use ubd::nbd::server::{self, Listener};
+use ubd::nbd::tls::{Tls, TlsMode};
 
 use super::units::{format_size, parse_size};
 use super::{BackingDir, CacheArg, Outcome};
@@ -28,10 +29,15 @@ const NBD_PORT: u16 = 10809;
 /// file and exit 0. A second server on the same overlay fails at once (the
 /// overlay is locked while served).
 ///
+/// TLS (--tls-certificates DIR): clients upgrade with STARTTLS, and must
+/// unless --tls on. DIR holds server-cert.pem and server-key.pem (and
+/// ca-cert.pem for --tls-verify-peer), as for qemu-nbd and nbdkit.
+///
 /// Examples:
 ///   ubd serve vm.cow --socket /run/vm.sock
 ///   ubd serve --export a=one.cow --export b=two.cow --socket /tmp/nbd.sock
 ///   ubd serve base.img --read-only --bind 127.0.0.1 --port 10809
+///   ubd serve vm.cow --bind 0.0.0.0 --tls-certificates /etc/pki/ubd
 ///
 /// Then, for example: nbdinfo 'nbd+unix:///?socket=/run/vm.sock'.
 /// Logging: RUST_LOG=debug (default info), to stderr.
@@ -86,10 +92,30 @@ pub struct Args {
     /// a MiB then costs two syncs instead of one).
     #[arg(long)]
     no_copy_up: bool,
+    /// Directory with the server's TLS certificate and key (server-cert.pem,
+    /// server-key.pem; ca-cert.pem for --tls-verify-peer). Turns TLS on.
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// off: no TLS; on: clients may upgrade with STARTTLS; require: they must
+    /// before anything else (the default with --tls-certificates).
+    #[arg(long, value_enum)]
+    tls: Option<TlsArg>,
+    /// With TLS, accept only clients whose certificate DIR/ca-cert.pem
+    /// signed.
+    #[arg(long)]
+    tls_verify_peer: bool,
     /// Testing aid: the buffer pool's fault injection (every buffer
     /// allocation takes the reserve path, as under memory pressure).
     #[arg(long)]
     fail_alloc: bool,
+}
+
+/// `--tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 /// What to serve and how, from `ubd serve` or `ubd demo`.
@@ -105,6 +131,8 @@ pub struct Plan {
     pub fail_alloc: bool,
     /// Printed on stdout once clients can connect (after the URIs).
     pub banner: Option<String>,
+    /// `STARTTLS`, when offered.
+    pub tls: Option<Arc<Tls>>,
 }
 
 pub fn run(args: Args) -> Outcome {
@@ -140,6 +168,20 @@ pub fn run(args: Args) -> Outcome {
         (None, Some(port)) => Some(("127.0.0.1".to_string(), port)),
         (None, None) => None,
     };
+    let mode = match (args.tls, &args.tls_certificates) {
+        (Some(TlsArg::Off), _) => None,
+        (None, None) if args.tls_verify_peer => {
+            return Err("--tls-verify-peer needs --tls-certificates DIR".into());
+        }
+        (None, None) => None,
+        (Some(_), None) => return Err("--tls on|require needs --tls-certificates DIR".into()),
+        (Some(TlsArg::On), Some(_)) => Some(TlsMode::On),
+        (Some(TlsArg::Require) | None, Some(_)) => Some(TlsMode::Require),
+    };
+    let tls = match (mode, &args.tls_certificates) {
+        (Some(mode), Some(dir)) => Some(Arc::new(Tls::load(dir, mode, args.tls_verify_peer)?)),
+        _ => None,
+    };
     let socket = match (&args.socket, &tcp) {
         (Some(s), _) => Some(s.clone()),
         (None, Some(_)) => None,
@@ -164,6 +206,7 @@ pub fn run(args: Args) -> Outcome {
         max_connections: args.max_connections.max(1),
         fail_alloc: args.fail_alloc,
         banner: None,
+        tls,
     })
 }
 
@@ -282,9 +325,21 @@ fn serve_on(
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| format!("{}: cannot write the pid file: {e}", p.display()))?;
     }
+    if let Some(tls) = &plan.tls {
+        let how = match tls.mode() {
+            TlsMode::On => "offered",
+            TlsMode::Require => "required",
+        };
+        tracing::info!("TLS {how}");
+    }
     for l in listeners {
         for export in exports.iter() {
             let uri = l.uri();
+            // nbds: the scheme of a URI whose connection must use TLS.
+            let uri = match plan.tls.as_ref().map(|t| t.mode()) {
+                Some(TlsMode::Require) => uri.replacen("nbd", "nbds", 1),
+                _ => uri,
+            };
             let uri = if export.name.is_empty() {
                 uri
             } else {
@@ -300,7 +355,13 @@ fn serve_on(
     if let Some(banner) = &plan.banner {
         println!("{banner}");
     }
-    server::run(exports, listeners, stop, plan.max_connections)?;
+    server::run(
+        exports,
+        listeners,
+        stop,
+        plan.max_connections,
+        plan.tls.clone(),
+    )?;
     Ok(())
 }
 

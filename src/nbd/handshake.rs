@@ -19,6 +19,7 @@ use super::codec::{
 };
 use super::export::{Contexts, Export, Exports, MAX_PAYLOAD, MIN_BLOCK, PREFERRED_BLOCK};
 use super::stream::{Input, ReadError};
+use super::tls::{Tls, TlsMode};
 
 /// How replies are framed on this connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,8 @@ pub struct Session {
     pub export: Arc<Export>,
     pub style: Style,
     pub contexts: Contexts,
+    /// The connection went over to TLS.
+    pub tls: bool,
 }
 
 /// Why the handshake ended without an export.
@@ -56,6 +59,10 @@ pub enum HandshakeError {
     UnknownExport(String),
     #[error("EXPORT_NAME: {0}")]
     BadExportName(String),
+    #[error("EXPORT_NAME before STARTTLS, and this server requires TLS")]
+    TlsRequired,
+    #[error("starting TLS: {0}")]
+    Tls(#[source] std::io::Error),
 }
 
 impl From<ReadError> for HandshakeError {
@@ -70,6 +77,11 @@ const OFFERED: u16 = hflag::FIXED_NEWSTYLE | hflag::NO_ZEROES;
 struct Negotiation<'a> {
     input: &'a mut Input,
     exports: &'a Exports,
+    /// TLS, when the server offers it, and whether this connection is on it.
+    tls: Option<&'a Tls>,
+    tls_on: bool,
+    /// Names the connection in the TLS bridge's log lines.
+    label: &'a str,
     style: Style,
     no_zeroes: bool,
     /// Contexts chosen by `SET_META_CONTEXT`, and for which export.
@@ -78,11 +90,22 @@ struct Negotiation<'a> {
     out: Vec<u8>,
 }
 
-/// Runs the handshake on `input`.
-pub fn negotiate(input: &mut Input, exports: &Exports) -> Result<Session, HandshakeError> {
+/// Runs the handshake on `input`. With `tls`, `STARTTLS` upgrades the
+/// connection (`input` then reads the plaintext), and with
+/// [`TlsMode::Require`] nothing else is answered before it. `label` names the
+/// connection in log lines.
+pub fn negotiate(
+    input: &mut Input,
+    exports: &Exports,
+    tls: Option<&Tls>,
+    label: &str,
+) -> Result<Session, HandshakeError> {
     let mut n = Negotiation {
         input,
         exports,
+        tls,
+        tls_on: false,
+        label,
         style: Style::Simple,
         no_zeroes: false,
         contexts: Contexts::default(),
@@ -126,6 +149,20 @@ impl Negotiation<'_> {
 
     /// Answers one option; `Some` when the client has chosen its export.
     fn option(&mut self, option: u32, data: &[u8]) -> Result<Option<Session>, HandshakeError> {
+        use super::codec::opt;
+        let required = self.tls.is_some_and(|t| t.mode() == TlsMode::Require);
+        if required && !self.tls_on && option != opt::STARTTLS && option != opt::ABORT {
+            // EXPORT_NAME has no error reply: the session ends.
+            if option == opt::EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            self.error(
+                option,
+                rep::ERR_TLS_REQD,
+                "TLS is required: send STARTTLS first",
+            )?;
+            return Ok(None);
+        }
         let parsed = match parse_option(option, data) {
             Ok(parsed) => parsed,
             Err(e) if option == super::codec::opt::EXPORT_NAME => {
@@ -161,13 +198,29 @@ impl Negotiation<'_> {
                 out::put_ack(&mut self.out, option);
                 self.send()?;
             }
-            ClientOption::StartTls => {
-                self.error(
-                    option,
-                    rep::ERR_POLICY,
-                    "TLS is not configured on this server",
-                )?;
-            }
+            ClientOption::StartTls => match self.tls {
+                None => {
+                    self.error(
+                        option,
+                        rep::ERR_POLICY,
+                        "TLS is not configured on this server",
+                    )?;
+                }
+                Some(_) if self.tls_on => {
+                    self.error(option, rep::ERR_INVALID, "TLS is already on")?;
+                }
+                Some(tls) => {
+                    out::put_ack(&mut self.out, option);
+                    self.send()?;
+                    tls.upgrade(self.input, self.label.to_string())
+                        .map_err(HandshakeError::Tls)?;
+                    self.tls_on = true;
+                    // Nothing negotiated in the clear carries over.
+                    self.style = Style::Simple;
+                    self.contexts = Contexts::default();
+                    self.contexts_for = None;
+                }
+            },
             ClientOption::Info(req) => {
                 self.info(option, req)?;
             }
@@ -223,6 +276,7 @@ impl Negotiation<'_> {
             } else {
                 Contexts::default()
             },
+            tls: self.tls_on,
         }
     }
 

@@ -15,6 +15,9 @@
 //!   replies, run on the device's worker thread as a `device::Protocol`: the
 //!   worker moves the socket's bytes through its io_uring ring with the disk
 //!   I/O, and this module says what they mean.
+//! - [`tls`]: `STARTTLS`: a bridge thread runs the TLS session and passes
+//!   the plaintext through a socket pair, over which the handshake and the
+//!   transmission phase go on unchanged.
 //! - [`server`]: listeners, a thread per connection for the handshake (which
 //!   then waits for the connection's end), and shutdown.
 //!
@@ -26,4 +29,5 @@ pub mod handshake;
 pub mod replies;
 pub mod server;
 pub mod stream;
+pub mod tls;
 pub mod transmission;

@@ -28,6 +28,7 @@ use thiserror::Error;
 use super::export::Exports;
 use super::handshake::{self, HandshakeError};
 use super::stream::{Input, Stream};
+use super::tls::Tls;
 use super::transmission::{self, End};
 
 /// How long a client may take over the handshake.
@@ -259,6 +260,7 @@ pub fn run(
     listeners: &[Listener],
     stop: &EventFd,
     max_connections: usize,
+    tls: Option<Arc<Tls>>,
 ) -> Result<(), ServerError> {
     for l in listeners {
         l.set_nonblocking().map_err(ServerError::Poll)?;
@@ -308,7 +310,7 @@ pub fn run(
                 continue;
             }
             let id = ids.fetch_add(1, Ordering::Relaxed);
-            match spawn_connection(id, stream, exports.clone(), registry.clone()) {
+            match spawn_connection(id, stream, exports.clone(), registry.clone(), tls.clone()) {
                 Ok(t) => threads.push(t),
                 Err(e) => tracing::error!("cannot start a connection thread: {e}"),
             }
@@ -346,6 +348,7 @@ fn spawn_connection(
     stream: Stream,
     exports: Exports,
     registry: Arc<Registry>,
+    tls: Option<Arc<Tls>>,
 ) -> io::Result<JoinHandle<()>> {
     let handle = stream.try_clone()?;
     registry
@@ -361,7 +364,7 @@ fn spawn_connection(
             move || {
                 // Leaves the registry however the connection ends (a panic too).
                 let _entry = Entry { registry, id };
-                connection(id, stream, &exports);
+                connection(id, stream, &exports, tls.as_deref());
             }
         });
     if spawned.is_err() {
@@ -374,11 +377,12 @@ fn spawn_connection(
     spawned
 }
 
-fn connection(id: u64, stream: Stream, exports: &Exports) {
+fn connection(id: u64, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
     let peer = stream.peer();
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let mut input = Input::new(stream);
-    let session = match handshake::negotiate(&mut input, exports) {
+    let label = format!("{id} ({peer})");
+    let session = match handshake::negotiate(&mut input, exports, tls, &label) {
         Ok(s) => s,
         Err(HandshakeError::Aborted) => {
             tracing::debug!(id, %peer, "the client ended the handshake");
@@ -395,6 +399,7 @@ fn connection(id: u64, stream: Stream, exports: &Exports) {
         %peer,
         export = %session.export.name,
         style = ?session.style,
+        tls = session.tls,
         "connection open"
     );
     let (socket, buffered) = input.into_parts();

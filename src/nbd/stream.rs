@@ -42,6 +42,20 @@ impl Stream {
         }
     }
 
+    pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        match self {
+            Stream::Unix(s) => s.read_timeout(),
+            Stream::Tcp(s) => s.read_timeout(),
+        }
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tcp(s) => s.set_nonblocking(on),
+        }
+    }
+
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_write_timeout(t),
@@ -154,9 +168,26 @@ impl Input {
         &mut self.stream
     }
 
-    /// The socket, and the bytes read from it and not yet consumed.
-    pub fn into_parts(self) -> (OwnedFd, Vec<u8>) {
+    /// The bytes read from the socket and not yet consumed; the buffer is
+    /// empty afterwards.
+    pub fn take_buffered(&mut self) -> Vec<u8> {
         let rest = self.buf[self.start..self.end].to_vec();
+        self.start = 0;
+        self.end = 0;
+        rest
+    }
+
+    /// Reads from `stream` from now on (the connection after a TLS upgrade);
+    /// the old connection is closed unless a clone of it lives on.
+    pub fn replace_stream(&mut self, stream: Stream) {
+        self.start = 0;
+        self.end = 0;
+        self.stream = stream;
+    }
+
+    /// The socket, and the bytes read from it and not yet consumed.
+    pub fn into_parts(mut self) -> (OwnedFd, Vec<u8>) {
+        let rest = self.take_buffered();
         let fd = match self.stream {
             Stream::Unix(s) => OwnedFd::from(s),
             Stream::Tcp(s) => OwnedFd::from(s),

@@ -1,0 +1,402 @@
+//! TLS (`STARTTLS`): the server's certificate, and a bridge thread per
+//! connection that upgrades.
+//!
+//! Once `STARTTLS` is acknowledged, the client's socket goes to a bridge
+//! thread, which runs the TLS session (rustls) and passes the plaintext
+//! through one end of a Unix socket pair. The handshake and then the
+//! transmission phase go on over the other end exactly as over a plain
+//! connection, so the device's worker moves a TLS client's requests through
+//! its ring like any other's. A TLS connection costs one more thread and a
+//! plaintext copy through the pair; the host kernel has no kernel TLS to hand
+//! the session to.
+//!
+//! The bridge half-closes as the two sides do: a client that stops sending
+//! (or a shutdown that closes the read side of its socket) becomes an end of
+//! input on the pair, while the replies to what it started still go out; the
+//! server's end of the pair closing becomes a TLS `close_notify`.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use thiserror::Error;
+
+use super::stream::{Input, Stream};
+
+/// The server's certificate chain in the certificates directory.
+pub const SERVER_CERT: &str = "server-cert.pem";
+/// The server's private key in the certificates directory.
+pub const SERVER_KEY: &str = "server-key.pem";
+/// The certificate authority that signs clients' certificates.
+pub const CA_CERT: &str = "ca-cert.pem";
+
+/// Plaintext moved per read, each way.
+const CHUNK: usize = 64 * 1024;
+/// Stack of a bridge thread (rustls's handshake needs more than the
+/// connection threads' 128 KiB).
+const BRIDGE_STACK: usize = 512 * 1024;
+
+/// Whether clients may or must upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// `STARTTLS` is offered; plain connections are served too.
+    On,
+    /// Every option but `STARTTLS` and `ABORT` is refused until TLS is up.
+    Require,
+}
+
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("{}: {what}", path.display())]
+    File { path: PathBuf, what: String },
+    #[error("{}: {what}", dir.display())]
+    Config { dir: PathBuf, what: String },
+}
+
+/// The server's TLS configuration.
+pub struct Tls {
+    config: Arc<ServerConfig>,
+    mode: TlsMode,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("mode", &self.mode).finish()
+    }
+}
+
+/// The certificates in the PEM file `path` (at least one).
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |what: String| TlsError::File {
+        path: path.to_path_buf(),
+        what,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(format!("cannot read certificates: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad("no certificate in the file".to_string()));
+    }
+    Ok(certs)
+}
+
+impl Tls {
+    /// Loads `dir`'s `server-cert.pem` and `server-key.pem` (the layout
+    /// qemu-nbd's and nbdkit's certificate directories have). With
+    /// `verify_peer`, clients must present a certificate that `ca-cert.pem`
+    /// signed.
+    pub fn load(dir: &Path, mode: TlsMode, verify_peer: bool) -> Result<Tls, TlsError> {
+        let config_error = |what: String| TlsError::Config {
+            dir: dir.to_path_buf(),
+            what,
+        };
+        let certs = load_certs(&dir.join(SERVER_CERT))?;
+        let key_path = dir.join(SERVER_KEY);
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::File {
+            path: key_path.clone(),
+            what: format!("cannot read the private key: {e}"),
+        })?;
+        // ring, not rustls's default aws-lc-rs, which would add a large C
+        // build to every build of the project; ring lacks only the
+        // post-quantum key exchanges, and clients fall back to X25519 or
+        // ECDHE on the NIST curves.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config_error(e.to_string()))?;
+        let builder = if verify_peer {
+            let mut roots = RootCertStore::empty();
+            let ca_path = dir.join(CA_CERT);
+            for cert in load_certs(&ca_path)? {
+                roots.add(cert).map_err(|e| TlsError::File {
+                    path: ca_path.clone(),
+                    what: format!("not a usable CA certificate: {e}"),
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| config_error(format!("client verification: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| config_error(format!("{SERVER_CERT} and {SERVER_KEY}: {e}")))?;
+        // No session resumption: a ticket would be written after the
+        // handshake, unasked, into a stream that carries NBD options.
+        config.send_tls13_tickets = 0;
+        Ok(Tls {
+            config: Arc::new(config),
+            mode,
+        })
+    }
+
+    pub fn mode(&self) -> TlsMode {
+        self.mode
+    }
+
+    /// Upgrades `input`'s connection after `STARTTLS` was acknowledged: the
+    /// client's socket (and whatever was read from it past the option) goes
+    /// to a new bridge thread, and `input` reads the plaintext from then on.
+    /// `label` names the connection in the bridge's log lines.
+    pub fn upgrade(&self, input: &mut Input, label: String) -> io::Result<()> {
+        let conn = ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
+        let (plain, ours) = UnixStream::pair()?;
+        plain.set_read_timeout(input.stream().read_timeout()?)?;
+        ours.set_nonblocking(true)?;
+        let net = input.stream().try_clone()?;
+        net.set_nonblocking(true)?;
+        let bridge = Bridge {
+            conn,
+            net,
+            plain: ours,
+            inbound: Vec::new(),
+            in_at: 0,
+            outbound: Vec::new(),
+            out_at: 0,
+            net_closed: false,
+            net_eof: false,
+            plain_shut: false,
+            plain_eof: false,
+            client_gone: false,
+        };
+        let early = input.take_buffered();
+        std::thread::Builder::new()
+            .name("ubd-tls".to_string())
+            .stack_size(BRIDGE_STACK)
+            .spawn(move || match bridge.run(&early) {
+                Ok(()) => tracing::debug!(conn = %label, "TLS session closed"),
+                Err(why) => tracing::info!(conn = %label, "TLS session ended: {why}"),
+            })?;
+        // The bridge owns the client's socket now (through its own handle);
+        // the handshake goes on over the plaintext end.
+        input.replace_stream(Stream::Unix(plain));
+        Ok(())
+    }
+}
+
+/// One TLS session between the client's socket (`net`) and the plaintext
+/// end of the pair (`plain`).
+struct Bridge {
+    conn: ServerConnection,
+    net: Stream,
+    plain: UnixStream,
+    /// Plaintext from the client; `inbound[in_at..]` is not yet in `plain`.
+    inbound: Vec<u8>,
+    in_at: usize,
+    /// Plaintext for the client; `outbound[out_at..]` is not yet taken by
+    /// the session.
+    outbound: Vec<u8>,
+    out_at: usize,
+    /// The client's socket reached its end.
+    net_closed: bool,
+    /// No more plaintext will come from the client.
+    net_eof: bool,
+    /// `plain`'s write side is shut (the client's end passed on).
+    plain_shut: bool,
+    /// The server's side closed (or broke) its end of the pair.
+    plain_eof: bool,
+    /// Writing to the client's socket found it hung up.
+    client_gone: bool,
+}
+
+impl Bridge {
+    fn run(mut self, early: &[u8]) -> Result<(), String> {
+        if !early.is_empty() {
+            self.conn
+                .read_tls(&mut &early[..])
+                .map_err(|e| format!("the bytes read before the upgrade: {e}"))?;
+            self.process()?;
+        }
+        loop {
+            match self.pump() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                // The client hung up without waiting for the close_notify
+                // that follows the server's end: nothing is lost.
+                Err(_) if self.plain_eof && self.client_gone => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            if self.plain_eof && self.out_at == self.outbound.len() && !self.conn.wants_write() {
+                return Ok(());
+            }
+            self.wait()?;
+        }
+    }
+
+    /// Decrypts what the client's socket delivered; a TLS error is sent to
+    /// the client as an alert (best effort) and ends the session.
+    fn process(&mut self) -> Result<(), String> {
+        if let Err(e) = self.conn.process_new_packets() {
+            let _ = self.conn.write_tls(&mut self.net);
+            return Err(format!("TLS: {e}"));
+        }
+        Ok(())
+    }
+
+    /// Moves what can move without blocking; true when something did.
+    fn pump(&mut self) -> Result<bool, String> {
+        let mut moved = false;
+        // The client's socket into the session.
+        if !self.net_closed && self.conn.wants_read() && self.in_at == self.inbound.len() {
+            match self.conn.read_tls(&mut self.net) {
+                Ok(0) => {
+                    self.net_closed = true;
+                    moved = true;
+                }
+                Ok(_) => {
+                    self.process()?;
+                    moved = true;
+                }
+                Err(e) if retry(&e) => {}
+                Err(e) => return Err(format!("reading the client's socket: {e}")),
+            }
+        }
+        // The session's plaintext into `inbound`.
+        if !self.net_eof && self.in_at == self.inbound.len() {
+            self.inbound.resize(CHUNK, 0);
+            self.in_at = 0;
+            match self.conn.reader().read(&mut self.inbound) {
+                Ok(0) => {
+                    self.inbound.clear();
+                    self.net_eof = true;
+                    moved = true;
+                }
+                Ok(n) => {
+                    self.inbound.truncate(n);
+                    moved = true;
+                }
+                Err(e) => {
+                    self.inbound.clear();
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        // The client closed its socket without a close_notify.
+                        self.net_eof = true;
+                        moved = true;
+                    } else if !retry(&e) {
+                        return Err(format!("TLS: {e}"));
+                    }
+                }
+            }
+        }
+        // `inbound` into the pair.
+        if self.in_at < self.inbound.len() {
+            match self.plain.write(&self.inbound[self.in_at..]) {
+                Ok(n) => {
+                    self.in_at += n;
+                    moved = true;
+                }
+                Err(e) if retry(&e) => {}
+                Err(_) => {
+                    // The server's side is gone: nothing more to pass on.
+                    self.inbound.clear();
+                    self.in_at = 0;
+                    self.net_eof = true;
+                    self.plain_eof = true;
+                    moved = true;
+                }
+            }
+        }
+        if self.net_eof && self.in_at == self.inbound.len() && !self.plain_shut {
+            let _ = self.plain.shutdown(Shutdown::Write);
+            self.plain_shut = true;
+            moved = true;
+        }
+        // The pair into `outbound`.
+        if !self.plain_eof && self.out_at == self.outbound.len() {
+            self.outbound.resize(CHUNK, 0);
+            self.out_at = 0;
+            match self.plain.read(&mut self.outbound) {
+                Ok(n @ 1..) => {
+                    self.outbound.truncate(n);
+                    moved = true;
+                }
+                Err(e) if retry(&e) => self.outbound.clear(),
+                // Closed, or broken: the session ends with a close_notify.
+                Ok(0) | Err(_) => {
+                    self.outbound.clear();
+                    self.plain_eof = true;
+                    self.conn.send_close_notify();
+                    moved = true;
+                }
+            }
+        }
+        // `outbound` into the session.
+        if self.out_at < self.outbound.len() {
+            let n = self
+                .conn
+                .writer()
+                .write(&self.outbound[self.out_at..])
+                .map_err(|e| format!("TLS: {e}"))?;
+            self.out_at += n;
+            moved = moved || n > 0;
+        }
+        // The session into the client's socket.
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.net) {
+                Ok(_) => moved = true,
+                Err(e) if retry(&e) => break,
+                Err(e) => {
+                    self.client_gone = matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                    );
+                    return Err(format!("writing the client's socket: {e}"));
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Sleeps until one of the sockets can do what the bridge waits for.
+    fn wait(&self) -> Result<(), String> {
+        let mut net = PollFlags::empty();
+        if !self.net_closed && self.conn.wants_read() && self.in_at == self.inbound.len() {
+            net |= PollFlags::POLLIN;
+        }
+        if self.conn.wants_write() {
+            net |= PollFlags::POLLOUT;
+        }
+        let mut plain = PollFlags::empty();
+        if !self.plain_eof && self.out_at == self.outbound.len() {
+            plain |= PollFlags::POLLIN;
+        }
+        if self.in_at < self.inbound.len() {
+            plain |= PollFlags::POLLOUT;
+        }
+        // A socket the bridge waits on for nothing stays out of the set:
+        // its hang-up would wake the poll at once, again and again.
+        let mut fds = Vec::with_capacity(2);
+        if !net.is_empty() {
+            fds.push(PollFd::new(self.net.as_fd(), net));
+        }
+        if !plain.is_empty() {
+            fds.push(PollFd::new(self.plain.as_fd(), plain));
+        }
+        if fds.is_empty() {
+            return Err("stalled: nothing left to wait for".to_string());
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(format!("poll: {e}")),
+        }
+    }
+}
+
+/// An error that means "not now".
+fn retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}

@@ -1,0 +1,524 @@
+//! TLS in `ubd serve` (`STARTTLS`, `../shared/docs/nbd.md`), with real
+//! clients: libnbd's tools (GnuTLS) over a Unix socket and over TCP, qemu-io
+//! and qemu-img with a `tls-creds-x509` object, and a byte-for-byte client
+//! (`tests/nbd_tls/tls.py`, python's ssl module) for what the tools never
+//! send. The certificates are made for each test with openssl: a CA, a server
+//! certificate for "localhost" and 127.0.0.1 signed by it, a client
+//! certificate signed by it, and a self-signed client certificate it never
+//! saw.
+//!
+//! Needs `openssl`, `libnbd-bin`, `python3-libnbd` (for /usr/bin/python3),
+//! `qemu-utils`; fails naming the package when one is missing.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::server::{Server, serve_refused};
+use common::{output, pseudo_random_bytes, run, run_bytes, sha256_hex, tool, ubd};
+use serde_json::Value;
+
+const SIZE: usize = 16 << 20;
+const MIB: usize = 1 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    base: PathBuf,
+    cow: PathBuf,
+    base_data: Vec<u8>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let base = dir.path().join("base.img");
+        let cow = dir.path().join("cow.img");
+        let base_data = pseudo_random_bytes(0x746c_735f_6261_7365, SIZE);
+        fs::write(&base, &base_data).expect("write the backing image");
+        run(ubd().arg("create").arg("--backing").arg(&base).arg(&cow));
+        make_certificates(dir.path());
+        Fixture {
+            dir,
+            base,
+            cow,
+            base_data,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The server's certificate directory.
+    fn server_dir(&self) -> PathBuf {
+        self.path("server")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path("nbd.sock")
+    }
+
+    fn serve(&self, extra: &[&str]) -> Server {
+        let mut args = vec![
+            self.cow.as_os_str().to_owned(),
+            "--tls-certificates".into(),
+            self.server_dir().into_os_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.into()));
+        Server::start(&self.socket(), &args)
+    }
+
+    /// An NBD URI for the default export over the Unix socket; `certs` is
+    /// the client's certificate directory (TLS) or `None` (plain).
+    fn uri(&self, certs: Option<&str>) -> String {
+        let socket = self.socket();
+        match certs {
+            Some(dir) => format!(
+                "nbds+unix:///?socket={}&tls-certificates={}",
+                socket.display(),
+                self.path(dir).display()
+            ),
+            None => format!("nbd+unix:///?socket={}", socket.display()),
+        }
+    }
+
+    /// Runs `tls.py CASE SOCKET BASE CA` and checks it passed.
+    fn case(&self, case: &str) -> String {
+        let out = output(
+            Command::new(python())
+                .arg(script())
+                .arg(case)
+                .arg(self.socket())
+                .arg(&self.base)
+                .arg(self.path("server/ca-cert.pem")),
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && stdout.contains(&format!("PASS {case}")),
+            "tls.py {case} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = output(
+        Command::new(tool("openssl", "openssl"))
+            .current_dir(dir)
+            .args(args),
+    );
+    assert!(
+        out.status.success(),
+        "openssl {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An EC key `NAME-key.pem` and a request for it with subject CN=`cn`.
+fn key_and_request(dir: &Path, name: &str, cn: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+}
+
+/// In `dir`: `server/` (ca-cert.pem, server-cert.pem, server-key.pem, as
+/// the server and qemu-nbd read them), `client/` (ca-cert.pem, as libnbd
+/// reads it), `client-auth/` (with a client certificate the CA signed) and
+/// `client-rogue/` (with a self-signed one).
+fn make_certificates(dir: &Path) {
+    let ca_ext = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n";
+    fs::write(dir.join("ca.ext"), ca_ext).unwrap();
+    key_and_request(dir, "ca", "ubd test CA");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "ca.csr",
+            "-signkey",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ca.ext",
+        ],
+    );
+    let leaf = |name: &str, usage: &str, san: &str| {
+        let ext = format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n{san}"
+        );
+        fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        key_and_request(dir, name, "localhost");
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca-cert.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-set_serial",
+                "2",
+                "-out",
+                &format!("{name}-cert.pem"),
+                "-days",
+                "30",
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    };
+    leaf(
+        "server",
+        "serverAuth",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    );
+    leaf("client", "clientAuth", "");
+    key_and_request(dir, "rogue", "localhost");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "rogue.csr",
+            "-signkey",
+            "rogue-key.pem",
+            "-out",
+            "rogue-cert.pem",
+            "-days",
+            "30",
+        ],
+    );
+    let place = |sub: &str, files: &[(&str, &str)]| {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+        for (from, to) in files {
+            fs::copy(dir.join(from), dir.join(sub).join(to)).unwrap();
+        }
+    };
+    place(
+        "server",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("server-cert.pem", "server-cert.pem"),
+            ("server-key.pem", "server-key.pem"),
+        ],
+    );
+    place("client", &[("ca-cert.pem", "ca-cert.pem")]);
+    place(
+        "client-auth",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("client-cert.pem", "client-cert.pem"),
+            ("client-key.pem", "client-key.pem"),
+        ],
+    );
+    place(
+        "client-rogue",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("rogue-cert.pem", "client-cert.pem"),
+            ("rogue-key.pem", "client-key.pem"),
+        ],
+    );
+}
+
+/// The python3 that has the libnbd bindings, used for the raw client too.
+fn python() -> PathBuf {
+    let python = PathBuf::from("/usr/bin/python3");
+    assert!(
+        python.is_file(),
+        "/usr/bin/python3 not found; install `python3`"
+    );
+    python
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbd_tls/tls.py")
+}
+
+/// `nbdinfo --json URI`, parsed.
+fn nbdinfo_json(uri: &str) -> Value {
+    let json = run(Command::new(tool("nbdinfo", "libnbd-bin"))
+        .arg("--json")
+        .arg(uri));
+    serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("`nbdinfo --json` printed invalid JSON ({e}):\n{json}"))
+}
+
+/// `nbdinfo URI` that must fail; returns its stderr.
+fn nbdinfo_fails(uri: &str) -> String {
+    let out = output(Command::new(tool("nbdinfo", "libnbd-bin")).arg(uri));
+    assert!(
+        !out.status.success(),
+        "nbdinfo {uri} succeeded, expected a refusal:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// nbdinfo's JSON says the connection used TLS (or did not) and the export
+/// has the right size.
+fn assert_info(info: &Value, tls: bool, what: &str) {
+    assert_eq!(info["TLS"], Value::Bool(tls), "{what}: TLS in {info:#}");
+    assert_eq!(
+        info["exports"][0]["export-size"].as_u64(),
+        Some(SIZE as u64),
+        "{what}: export size in {info:#}"
+    );
+}
+
+/// A TCP port nothing listens on right now.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("its address").port()
+}
+
+/// qemu's `--object` and `--image-opts` for the export over TLS.
+fn qemu_tls_args(fx: &Fixture) -> Vec<String> {
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            fx.path("client").display()
+        ),
+        "--image-opts".into(),
+        format!(
+            "driver=nbd,server.type=unix,server.path={},tls-creds=tls0,tls-hostname=localhost",
+            fx.socket().display()
+        ),
+    ]
+}
+
+#[test]
+fn required_tls_serves_libnbd_and_qemu_and_refuses_plain_clients() {
+    let fx = Fixture::new();
+    let port = free_port().to_string();
+    let server = fx.serve(&["--bind", "127.0.0.1", "--port", &port]);
+
+    assert_info(
+        &nbdinfo_json(&fx.uri(Some("client"))),
+        true,
+        "nbdinfo over the Unix socket",
+    );
+    let tcp = format!(
+        "nbds://localhost:{port}/?tls-certificates={}",
+        fx.path("client").display()
+    );
+    assert_info(&nbdinfo_json(&tcp), true, "nbdinfo over TCP");
+
+    // A plain client gets no further than the option haggling.
+    nbdinfo_fails(&fx.uri(None));
+    nbdinfo_fails(&format!("nbd://127.0.0.1:{port}/"));
+
+    // qemu-io writes a pattern and flushes through TLS, and reads it back.
+    let qemu_io = tool("qemu-io", "qemu-utils");
+    let out = run(Command::new(&qemu_io).args(qemu_tls_args(&fx)).args([
+        "-c",
+        "write -P 0x5a 1M 2M",
+        "-c",
+        "aio_write -P 0x3c 6M 64k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 0x5a 1M 2M",
+        "-c",
+        "read -P 0x3c 6M 64k",
+    ]));
+    assert!(
+        out.matches("bytes at offset").count() >= 4 && !out.contains("Pattern verification failed"),
+        "qemu-io over TLS:\n{out}"
+    );
+
+    // nbdcopy with 4 TLS connections reads back exactly that.
+    let copy = fx.path("copy.raw");
+    run(Command::new(tool("nbdcopy", "libnbd-bin"))
+        .arg("--connections=4")
+        .arg(fx.uri(Some("client")))
+        .arg(&copy));
+    let mut want = fx.base_data.clone();
+    want[MIB..3 * MIB].fill(0x5a);
+    want[6 * MIB..6 * MIB + 65536].fill(0x3c);
+    assert_eq!(
+        sha256_hex(&fs::read(&copy).unwrap()),
+        sha256_hex(&want),
+        "nbdcopy over TLS: the export's contents"
+    );
+
+    // qemu-img compares the export with the same bytes, over TLS.
+    fs::write(fx.path("want.raw"), &want).unwrap();
+    let out = output(
+        Command::new(tool("qemu-img", "qemu-utils"))
+            .arg("compare")
+            .args(qemu_tls_args(&fx))
+            .arg(format!(
+                "driver=raw,file.driver=file,file.filename={}",
+                fx.path("want.raw").display()
+            )),
+    );
+    assert!(
+        out.status.success(),
+        "qemu-img compare over TLS:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Byte for byte: ERR_TLS_REQD before STARTTLS, EXPORT_NAME refused by a
+    // hang-up, pipelined requests over TLS.
+    fx.case("required");
+
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "server exit {status}:\n{stderr}");
+    assert!(!fx.socket().exists(), "the socket file is left behind");
+    assert!(stderr.contains("TLS required"), "stderr:\n{stderr}");
+}
+
+#[test]
+fn optional_tls_serves_both_and_forgets_what_was_negotiated_in_the_clear() {
+    let fx = Fixture::new();
+    let server = fx.serve(&["--tls", "on"]);
+    assert_info(&nbdinfo_json(&fx.uri(None)), false, "a plain client");
+    assert_info(&nbdinfo_json(&fx.uri(Some("client"))), true, "a TLS client");
+    let out = fx.case("state_reset");
+    assert!(out.contains("ERR_INVALID"), "{out}");
+    // Data written in the clear reads back over TLS.
+    let data = pseudo_random_bytes(7, 2 * MIB);
+    fs::write(fx.path("in.raw"), &data).unwrap();
+    run(Command::new(tool("nbdcopy", "libnbd-bin"))
+        .arg(fx.path("in.raw"))
+        .arg(fx.uri(None)));
+    let back = run_bytes(
+        Command::new(tool("nbdcopy", "libnbd-bin"))
+            .arg(fx.uri(Some("client")))
+            .arg("-"),
+    );
+    assert_eq!(back.len(), SIZE);
+    assert!(
+        back[..2 * MIB] == data[..],
+        "written in the clear, read over TLS"
+    );
+    assert!(
+        back[2 * MIB..] == fx.base_data[2 * MIB..],
+        "the rest is the backing's"
+    );
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "server exit {status}:\n{stderr}");
+}
+
+#[test]
+fn verify_peer_serves_only_clients_with_a_certificate_from_the_ca() {
+    let fx = Fixture::new();
+    let server = fx.serve(&["--tls-verify-peer"]);
+    let without = nbdinfo_fails(&fx.uri(Some("client")));
+    let rogue = nbdinfo_fails(&fx.uri(Some("client-rogue")));
+    assert_info(
+        &nbdinfo_json(&fx.uri(Some("client-auth"))),
+        true,
+        "a client with a certificate from the CA",
+    );
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "server exit {status}:\n{stderr}");
+    // The server says why it turned the other two away.
+    assert!(
+        stderr.matches("TLS session ended").count() >= 2,
+        "no reason logged for the refused clients:\nserver:\n{stderr}\nno certificate:\n{without}\nrogue:\n{rogue}"
+    );
+}
+
+#[test]
+fn bad_tls_input_harms_no_one_and_shutdown_ends_tls_sessions() {
+    let fx = Fixture::new();
+    let mut server = Some(fx.serve(&[]));
+    fx.case("garbage");
+
+    // A TLS client idle in transmission while the server stops: SIGTERM
+    // still ends in exit 0, and the client sees its session closed.
+    let mut idle = Command::new(python())
+        .arg(script())
+        .arg("idle")
+        .arg(fx.socket())
+        .arg(&fx.base)
+        .arg(fx.path("server/ca-cert.pem"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tls.py idle");
+    let mut lines = BufReader::new(idle.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("read tls.py's output");
+        seen.push(line.clone());
+        if line == "ready" {
+            break;
+        }
+    }
+    assert_eq!(seen.last().map(String::as_str), Some("ready"), "{seen:?}");
+    let (status, stderr) = server.take().expect("server").stop();
+    assert!(status.success(), "server exit {status}:\n{stderr}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let done = idle.wait_with_output().expect("wait for tls.py idle");
+    assert!(
+        done.status.success() && rest.iter().any(|l| l == "PASS idle"),
+        "tls.py idle: {seen:?} {rest:?}\n{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
+#[test]
+fn tls_settings_are_checked_before_serving() {
+    let fx = Fixture::new();
+    let cow = fx.cow.to_str().unwrap();
+    let socket = fx.path("refused.sock");
+    let (code, stderr) = serve_refused(&socket, &[cow, "--tls", "require"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--tls-certificates"), "{stderr}");
+
+    let missing = fx.path("nowhere");
+    let (code, stderr) = serve_refused(
+        &socket,
+        &[cow, "--tls-certificates", missing.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&missing.join("server-cert.pem").display().to_string()),
+        "the error names the missing file: {stderr}"
+    );
+
+    // A key that is not the certificate's.
+    let wrong = fx.path("wrong");
+    fs::create_dir_all(&wrong).unwrap();
+    fs::copy(fx.path("server-cert.pem"), wrong.join("server-cert.pem")).unwrap();
+    fs::copy(fx.path("client-key.pem"), wrong.join("server-key.pem")).unwrap();
+    let (code, stderr) = serve_refused(
+        &socket,
+        &[cow, "--tls-certificates", wrong.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains(wrong.to_str().unwrap()), "{stderr}");
+}

@@ -1,0 +1,207 @@
+#!/usr/bin/python3
+"""STARTTLS cases byte for byte, one per sub-command, for tests/nbd_tls.rs.
+
+    tls.py CASE SOCKET BASE CA
+
+SOCKET is the server's Unix socket, BASE a file holding what the default
+export reads as, CA the certificate authority that signed the server's
+certificate (for "localhost"). The client is tests/nbd_hostile/rawnbd.py, its
+socket wrapped in python's ssl module once the server acknowledges STARTTLS.
+Each case prints one line per check and ends with `PASS CASE`; a wrong answer
+raises (exit status 1) saying what was sent, expected and received.
+"""
+
+import os
+import socket
+import ssl
+import struct
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nbd_hostile"))
+
+import rawnbd as R  # noqa: E402
+from rawnbd import Conn, ProtocolError, rep_name  # noqa: E402
+
+
+def fail(msg):
+    raise ProtocolError(msg)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def expect_rep(rep, want, what):
+    if rep != want:
+        fail("%s: expected %s, got %s" % (what, rep_name(want), rep_name(rep)))
+    log("ok: %s -> %s" % (what, rep_name(rep)))
+
+
+class Ctx:
+    def __init__(self, sock, base, ca):
+        self.sock = sock
+        self.ca = ca
+        with open(base, "rb") as f:
+            self.base = f.read()
+
+    def starttls(self, c, what):
+        rep, _ = c.option(R.OPT_STARTTLS)
+        expect_rep(rep, R.REP_ACK, what)
+        tls = ssl.create_default_context(cafile=self.ca)
+        c.sock = tls.wrap_socket(c.sock, server_hostname="localhost")
+        log("ok: TLS up (%s, %s)" % (c.sock.version(), c.sock.cipher()[0]))
+
+    def expect_base(self, c, offset, length, what):
+        got = c.read(offset, length)
+        if got != self.base[offset : offset + length]:
+            fail("%s: READ [%d, +%d) differs from the export's data" % (what, offset, length))
+        log("ok: %s: READ [%d, +%d) matches" % (what, offset, length))
+
+
+def case_required(ctx):
+    """Before STARTTLS every option but STARTTLS and ABORT gets ERR_TLS_REQD
+    (even unknown ones); after it, the handshake and transmission work."""
+    c = Conn(ctx.sock)
+    c.greet()
+    for opt, data, name in [
+        (R.OPT_LIST, b"", "LIST"),
+        (R.OPT_STRUCTURED_REPLY, b"", "STRUCTURED_REPLY"),
+        (R.OPT_INFO, Conn.go_data(), "INFO"),
+        (R.OPT_GO, Conn.go_data(), "GO"),
+        (R.OPT_SET_META_CONTEXT, Conn.meta_data(b"", [b"base:allocation"]), "SET_META_CONTEXT"),
+        (99, b"xyz", "unknown option 99"),
+    ]:
+        rep, _ = c.option(opt, data)
+        expect_rep(rep, R.REP_ERR_TLS_REQD, "%s before STARTTLS" % name)
+    ctx.starttls(c, "STARTTLS")
+    rep, _ = c.option(R.OPT_STARTTLS)
+    expect_rep(rep, R.REP_ERR_INVALID, "STARTTLS once TLS is up")
+    names = c.list_exports()
+    if names != [b""]:
+        fail("LIST over TLS: %r" % names)
+    log("ok: LIST over TLS names the default export")
+    c.negotiate_structured()
+    size, _ = c.go()
+    if size != len(ctx.base):
+        fail("GO over TLS: size %d, expected %d" % (size, len(ctx.base)))
+    # Reads far apart and one larger than a TLS record (16 KiB) and the
+    # bridge's chunk (64 KiB); several in flight at once.
+    reads = [(0, 4096), (len(ctx.base) - 8192, 8192), (3 << 20, 1 << 20)]
+    cookies = [c.send_req(R.CMD_READ, off, n) for off, n in reads]
+    for ck, (off, n) in zip(cookies, reads):
+        r = c.wait(ck)
+        if r.error or bytes(r.data) != ctx.base[off : off + n]:
+            fail("pipelined READ [%d, +%d) over TLS: %r" % (off, n, r))
+    log("ok: three pipelined READs over TLS match")
+    data = bytes((i * 7) & 0xFF for i in range(200000))
+    c.write(5 << 20, data)
+    got = c.read(5 << 20, len(data))
+    if got != data:
+        fail("READ after WRITE over TLS differs")
+    log("ok: WRITE of %d bytes over TLS reads back" % len(data))
+    c.disc()
+    got = c.read_to_eof()
+    if got:
+        fail("DISC over TLS: %d bytes after it" % len(got))
+    log("ok: DISC over TLS ends the session")
+    c.close()
+
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_EXPORT_NAME, b"")
+    got = c.read_to_eof()
+    if got:
+        fail("EXPORT_NAME before STARTTLS: expected the connection closed, got %r" % got[:64])
+    log("ok: EXPORT_NAME before STARTTLS -> connection closed")
+    c.close()
+
+    c = Conn(ctx.sock)
+    c.greet()
+    rep, _ = c.option(R.OPT_ABORT)
+    expect_rep(rep, R.REP_ACK, "ABORT before STARTTLS")
+    c.close()
+
+
+def case_state_reset(ctx):
+    """With TLS optional: what was negotiated in the clear does not survive
+    the upgrade."""
+    c = Conn(ctx.sock)
+    c.greet()
+    rep, _ = c.option(R.OPT_STRUCTURED_REPLY)
+    expect_rep(rep, R.REP_ACK, "STRUCTURED_REPLY in the clear")
+    rep, _ = c.option(R.OPT_SET_META_CONTEXT, Conn.meta_data(b"", [b"base:allocation"]))
+    expect_rep(rep, R.REP_ACK, "SET_META_CONTEXT in the clear")
+    ctx.starttls(c, "STARTTLS after options in the clear")
+    rep, _ = c.option(R.OPT_SET_META_CONTEXT, Conn.meta_data(b"", [b"base:allocation"]))
+    expect_rep(rep, R.REP_ERR_INVALID, "SET_META_CONTEXT over TLS before STRUCTURED_REPLY")
+    c.negotiate_structured()
+    log("ok: STRUCTURED_REPLY again over TLS -> ACK")
+    size, _ = c.go()
+    ctx.expect_base(c, 1 << 20, 65536, "over TLS after the reset")
+    c.disc()
+    c.close()
+
+
+def case_garbage(ctx):
+    """Bytes that are not TLS after the STARTTLS ACK: the server ends that
+    session (a TLS alert at most), and a proper TLS client is served."""
+    c = Conn(ctx.sock)
+    c.greet()
+    rep, _ = c.option(R.OPT_STARTTLS)
+    expect_rep(rep, R.REP_ACK, "STARTTLS")
+    c.send(b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 64)
+    got = c.read_to_eof()
+    # A TLS alert record starts with content type 21.
+    if got and got[0] != 21:
+        fail("after non-TLS bytes: expected an alert or nothing, got %r" % got[:32])
+    log("ok: non-TLS bytes after STARTTLS -> closed (%d bytes of alert)" % len(got))
+    c.close()
+
+    c = Conn(ctx.sock)
+    c.greet()
+    rep, _ = c.option(R.OPT_STARTTLS)
+    expect_rep(rep, R.REP_ACK, "STARTTLS, then a hang-up mid-handshake")
+    c.send(bytes.fromhex("160301"))  # the start of a record header
+    c.close()
+    log("ok: hung up in the middle of the TLS handshake")
+
+    c = Conn(ctx.sock)
+    c.greet()
+    ctx.starttls(c, "STARTTLS for a well-behaved client")
+    c.negotiate_structured()
+    c.go()
+    ctx.expect_base(c, 0, 65536, "a fresh TLS connection after the bad ones")
+    c.disc()
+    c.close()
+
+
+def case_idle(ctx):
+    """Connects over TLS, says `ready`, and waits for the server to end the
+    session (the test stops the server meanwhile)."""
+    c = Conn(ctx.sock)
+    c.greet()
+    ctx.starttls(c, "STARTTLS")
+    c.negotiate_structured()
+    c.go()
+    ctx.expect_base(c, 0, 4096, "before the shutdown")
+    log("ready")
+    got = c.read_to_eof()
+    if got:
+        fail("at shutdown: %d unexpected bytes" % len(got))
+    log("ok: the server ended the TLS session at shutdown")
+    c.close()
+
+
+def main():
+    if len(sys.argv) != 5:
+        sys.exit("usage: tls.py CASE SOCKET BASE CA")
+    case, sock, base, ca = sys.argv[1:]
+    fn = globals().get("case_" + case)
+    if fn is None:
+        sys.exit("unknown case %r" % case)
+    fn(Ctx(sock, base, ca))
+    print("PASS %s" % case, flush=True)
+
+
+if __name__ == "__main__":
+    main()
