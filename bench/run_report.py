@@ -260,7 +260,10 @@ def report(a):
         md.append("")
 
     # Targets.
-    md.append("## Targets (issue 4's, as ratios in this run)")
+    if meta.get("tls") == "1":
+        md.append("## Issue 4's targets, as ratios in this run (set for plain NBD; this run used TLS)")
+    else:
+        md.append("## Targets (issue 4's, as ratios in this run)")
     md.append("")
     md.append("| target | measured | required | verdict | by how much | spread |")
     md.append("|---|---:|---:|---|---|---|")

@@ -205,3 +205,48 @@ fn bench_run_quick_reports_every_server_and_workload() {
         "work dir left over"
     );
 }
+
+#[test]
+fn bench_run_quick_with_tls_measures_every_tls_server() {
+    common::tool("openssl", "openssl");
+    let scratch = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = scratch.path().join("results");
+    let servers = ["ubd-none", "qemu-nbd-none", "nbdkit-cow", "nbd-server-cow"];
+    common::run(
+        Command::new("bash")
+            .arg(repo().join("bench/run"))
+            .args(["--quick", "--tls", "--time", "1", "--workloads"])
+            .arg("randread-qd1,randwrite-qd32-first")
+            .arg("--servers")
+            .arg(servers.join(","))
+            .arg("--out")
+            .arg(&out)
+            .arg("--dir")
+            .arg(scratch.path().join("work"))
+            .arg("--ubd")
+            .arg(common::ubd_bin())
+            .current_dir(repo()),
+    );
+    let md = fs::read_to_string(only_file(&out, ".md")).unwrap();
+    assert!(
+        md.contains("TLS (STARTTLS, required by every server)"),
+        "the transport in\n{md}"
+    );
+    // Each server verified the base through nbdcopy over TLS, and has a
+    // row in both tables; nbd-server is left out, with the reason.
+    for s in &servers[..3] {
+        assert!(
+            md.contains(&format!("Checked before measuring, {s}: sha256")),
+            "{s} verified in\n{md}"
+        );
+        let rows = md.lines().filter(|l| l.starts_with(&format!("| {s} |")));
+        assert_eq!(rows.count(), 2, "rows for {s} in\n{md}");
+    }
+    assert!(!md.contains("| nbd-server-cow |"), "{md}");
+    assert!(
+        md.contains("nbd-server-cow is not measured with --tls"),
+        "{md}"
+    );
+    assert!(md.contains("this run used TLS"), "{md}");
+    assert!(md.contains("Base file unchanged at the end: yes"), "{md}");
+}
