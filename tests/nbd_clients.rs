@@ -1380,6 +1380,89 @@ fn pid_file_holds_the_pid_and_goes_at_exit() {
     f.finish();
 }
 
+#[test]
+fn fork_returns_once_serving_and_the_daemon_stops_on_sigterm() {
+    let f = fixture();
+    let (socket, pid_file, log) = (f.socket(), f.path("ubd.pid"), f.path("ubd.log"));
+    // Under `timeout`: a server that kept the command's stdout or stderr
+    // open would hold up `output()` until then, and fail the test.
+    let out = output(
+        Command::new("timeout")
+            .arg("30")
+            .arg(ubd_bin())
+            .args(["serve", s(&f.overlay), "--fork", "--socket", s(&socket)])
+            .args(["--pid-file", s(&pid_file), "--log-file", s(&log)]),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("serving the default export"),
+        "ubd serve --fork: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Serving already, with no wait: the pid file and the socket are there.
+    let pid: u32 = fs::read_to_string(&pid_file)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("the pid file holds a pid once the command returned");
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server runs");
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    assert_eq!(
+        fields[3],
+        pid.to_string(),
+        "the server leads its own session: {stat}"
+    );
+    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let mut want = f.base_data.clone();
+    want[65536..196608].fill(0x6b);
+    qemu_io(&uri, false, &["write -P 0x6b 64k 128k".to_string()]);
+    assert_same_bytes(
+        "through the forked server",
+        &dump(&uri, &f.path("out.raw")),
+        &want,
+    );
+
+    signal(pid, "TERM");
+    let start = Instant::now();
+    while fs::metadata(format!("/proc/{pid}")).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server outlived SIGTERM by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !socket.exists() && !pid_file.exists(),
+        "socket or pid file left behind"
+    );
+    let log = fs::read_to_string(&log).unwrap();
+    assert!(
+        log.contains("connection open") && log.contains("stopped"),
+        "log:\n{log}"
+    );
+    assert_same_bytes(
+        "after the daemon stopped",
+        &merged(&f.overlay, &f.path("m.raw")),
+        &want,
+    );
+    f.finish();
+
+    // One that cannot start: the command says why and fails, and nothing
+    // is left running on the socket.
+    let out = output(Command::new("timeout").arg("30").arg(ubd_bin()).args([
+        "serve",
+        s(&f.path("missing.cow")),
+        "--fork",
+        "--socket",
+        s(&socket),
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+    assert!(stderr.contains("missing.cow"), "stderr:\n{stderr}");
+    assert!(!socket.exists());
+}
+
 const READ_ONLY_CLIENT: &str = r#"
 import nbd, sys
 h = nbd.NBD()

@@ -80,6 +80,8 @@ pub fn run(args: Args) -> Outcome {
         fail_alloc: false,
         banner: Some(banner),
         tls: None,
+        fork: false,
+        log_file: None,
     })
 }
 

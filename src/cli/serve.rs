@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use ubd::device::{Device, DeviceOptions};
+use ubd::engine::daemon::{self, Forked, Ready};
 use ubd::nbd::export::{Export, Exports};
 use ubd::nbd::server::{self, Listener};
 use ubd::nbd::tls::{Tls, TlsMode};
@@ -77,6 +78,14 @@ pub struct Args {
     /// Write the server's pid here once it is serving; removed at exit.
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// Go on in the background once the sockets are ready: the command
+    /// exits 0 when clients can connect, or non-zero with the error when the
+    /// server cannot start. Logs are dropped then unless --log-file.
+    #[arg(long)]
+    fork: bool,
+    /// Append the log here instead of writing it to stderr.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
     /// Clients connected at once, at most.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
@@ -133,6 +142,11 @@ pub struct Plan {
     pub banner: Option<String>,
     /// `STARTTLS`, when offered.
     pub tls: Option<Arc<Tls>>,
+    /// `--fork`: serve from a child process; the command returns once it
+    /// serves.
+    pub fork: bool,
+    /// `--log-file`: the log goes there, not to stderr.
+    pub log_file: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Outcome {
@@ -207,6 +221,8 @@ pub fn run(args: Args) -> Outcome {
         fail_alloc: args.fail_alloc,
         banner: None,
         tls,
+        fork: args.fork,
+        log_file: args.log_file,
     })
 }
 
@@ -217,23 +233,51 @@ fn default_socket(file: &Path) -> PathBuf {
     file.with_file_name(name)
 }
 
-/// Starts logging to stderr at RUST_LOG's level (default info).
-pub fn init_logging() {
+/// Starts logging at RUST_LOG's level (default info), to stderr or appended
+/// to `file`.
+pub fn init_logging(file: Option<&Path>) -> Result<(), String> {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("{}: cannot open the log file: {e}", path.display()))?;
+            fmt.with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .try_init()
+        }
+        None => fmt
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+    Ok(())
 }
 
 /// Opens the exports, listens, serves until SIGTERM or SIGINT, then drains,
 /// closes the devices (which flushes them) and cleans up.
 pub fn serve(plan: Plan) -> Outcome {
-    init_logging();
+    init_logging(plan.log_file.as_deref())?;
+    // Before any thread starts (the signal handler's, the devices'
+    // workers): only a single-threaded process forks whole.
+    let ready = if plan.fork {
+        if Listener::activated() {
+            return Err("--fork cannot be used with socket activation (LISTEN_FDS)".into());
+        }
+        match daemon::fork_when_ready()? {
+            Forked::Parent(code) => return Ok(u8::try_from(code).unwrap_or(1)),
+            Forked::Child(ready) => Some(ready),
+        }
+    } else {
+        None
+    };
     let mut names = std::collections::HashSet::new();
     for (name, file) in &plan.exports {
         if !names.insert(name.as_str()) {
@@ -297,7 +341,7 @@ pub fn serve(plan: Plan) -> Outcome {
             l
         }
     };
-    let result = serve_on(&plan, &exports, &listeners, &stop);
+    let result = serve_on(&plan, &exports, &listeners, &stop, ready);
     let mut code = 0;
     for export in exports.iter() {
         if let Err(e) = export.device.close() {
@@ -320,6 +364,7 @@ fn serve_on(
     exports: &Exports,
     listeners: &[Listener],
     stop: &EventFd,
+    ready: Option<Ready>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(p) = &plan.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
@@ -354,6 +399,11 @@ fn serve_on(
     }
     if let Some(banner) = &plan.banner {
         println!("{banner}");
+    }
+    if let Some(ready) = ready {
+        ready
+            .serving()
+            .map_err(|e| format!("--fork: telling the parent the server is up: {e}"))?;
     }
     server::run(
         exports,

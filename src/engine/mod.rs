@@ -1,11 +1,13 @@
 //! All of `ubd`'s `unsafe`: the io_uring ring and its op table, the buffer pool
-//! (mempool), and the ticket sequencer. Every unsafe block says which invariant
-//! of the design (docs/design.md) it relies on and who upholds it.
+//! (mempool), the ticket sequencer, and the fork of `serve --fork`. Every
+//! unsafe block says which invariant of the design (docs/design.md) it relies
+//! on and who upholds it.
 
 pub mod aligned;
 pub mod alloc_count;
 pub mod bufpool;
 pub mod bufset;
+pub mod daemon;
 pub mod dio;
 pub mod inherit;
 pub mod record;

@@ -119,9 +119,13 @@ impl Listener {
             .map_err(|source| ServerError::Tcp { addr: text, source })
     }
 
-    /// The sockets systemd passed (`LISTEN_PID` is us, `LISTEN_FDS` > 0), or
-    /// `None` when the process was not socket-activated.
-    pub fn from_activation() -> Result<Option<Vec<Listener>>, ServerError> {
+    /// Whether systemd passed this process sockets (`LISTEN_PID` is us,
+    /// `LISTEN_FDS` > 0).
+    pub fn activated() -> bool {
+        Self::activation_count().is_some()
+    }
+
+    fn activation_count() -> Option<i32> {
         let pid_ok = std::env::var("LISTEN_PID")
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
@@ -129,7 +133,16 @@ impl Listener {
         let count = std::env::var("LISTEN_FDS")
             .ok()
             .and_then(|n| n.parse::<i32>().ok());
-        let (true, Some(count @ 1..)) = (pid_ok, count) else {
+        match (pid_ok, count) {
+            (true, Some(count @ 1..)) => Some(count),
+            _ => None,
+        }
+    }
+
+    /// The sockets systemd passed, or `None` when the process was not
+    /// socket-activated.
+    pub fn from_activation() -> Result<Option<Vec<Listener>>, ServerError> {
+        let Some(count) = Self::activation_count() else {
             return Ok(None);
         };
         let start = crate::engine::inherit::LISTEN_FDS_START;
