@@ -183,7 +183,10 @@ pub fn run(args: Args) -> Outcome {
         (None, None) => None,
     };
     let mode = match (args.tls, &args.tls_certificates) {
-        (Some(TlsArg::Off), _) => None,
+        (Some(TlsArg::Off), None) if !args.tls_verify_peer => None,
+        (Some(TlsArg::Off), _) => {
+            return Err("--tls off contradicts --tls-certificates and --tls-verify-peer".into());
+        }
         (None, None) if args.tls_verify_peer => {
             return Err("--tls-verify-peer needs --tls-certificates DIR".into());
         }

@@ -399,10 +399,12 @@ fn connection(id: u64, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
         Ok(s) => s,
         Err(HandshakeError::Aborted) => {
             tracing::debug!(id, %peer, "the client ended the handshake");
+            input.close();
             return;
         }
         Err(e) => {
             tracing::info!(id, %peer, "handshake failed: {e}");
+            input.close();
             return;
         }
     };
@@ -415,9 +417,15 @@ fn connection(id: u64, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
         tls = session.tls,
         "connection open"
     );
-    let (socket, buffered) = input.into_parts();
+    let (socket, buffered, bridge) = input.into_parts();
     match transmission::serve(socket, buffered, &session) {
         End::Disconnect | End::Closed => tracing::info!(id, %peer, "connection closed"),
         End::Broken(why) => tracing::warn!(id, %peer, "connection closed: {why}"),
+    }
+    // The worker has closed its end; the bridge still sends what it left
+    // there. The connection stays registered until then, so shutdown waits
+    // for it and can cut its socket.
+    if let Some(bridge) = bridge {
+        let _ = bridge.join();
     }
 }

@@ -146,6 +146,8 @@ pub struct Input {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The thread between the client and `stream`, after a TLS upgrade.
+    bridge: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Input {
@@ -155,6 +157,7 @@ impl Input {
             buf: vec![0; INPUT_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
+            bridge: None,
         }
     }
 
@@ -177,22 +180,35 @@ impl Input {
         rest
     }
 
-    /// Reads from `stream` from now on (the connection after a TLS upgrade);
-    /// the old connection is closed unless a clone of it lives on.
-    pub fn replace_stream(&mut self, stream: Stream) {
+    /// Reads from `stream` from now on: the plaintext end of a TLS
+    /// upgrade, which `bridge` feeds. The old connection is closed unless a
+    /// clone of it lives on.
+    pub fn replace_stream(&mut self, stream: Stream, bridge: std::thread::JoinHandle<()>) {
         self.start = 0;
         self.end = 0;
         self.stream = stream;
+        self.bridge = Some(bridge);
     }
 
-    /// The socket, and the bytes read from it and not yet consumed.
-    pub fn into_parts(mut self) -> (OwnedFd, Vec<u8>) {
+    /// The socket, the bytes read from it and not yet consumed, and the
+    /// TLS bridge behind it (to be joined once the socket is closed).
+    pub fn into_parts(mut self) -> (OwnedFd, Vec<u8>, Option<std::thread::JoinHandle<()>>) {
         let rest = self.take_buffered();
+        let bridge = self.bridge.take();
         let fd = match self.stream {
             Stream::Unix(s) => OwnedFd::from(s),
             Stream::Tcp(s) => OwnedFd::from(s),
         };
-        (fd, rest)
+        (fd, rest, bridge)
+    }
+
+    /// Closes the connection and waits for its TLS bridge, if any, to end.
+    pub fn close(self) {
+        let (fd, _, bridge) = self.into_parts();
+        drop(fd);
+        if let Some(bridge) = bridge {
+            let _ = bridge.join();
+        }
     }
 
     fn recv(stream: &mut Stream, dst: &mut [u8]) -> io::Result<usize> {

@@ -133,8 +133,8 @@ impl Tls {
         let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|e| config_error(format!("{SERVER_CERT} and {SERVER_KEY}: {e}")))?;
-        // No session resumption: a ticket would be written after the
-        // handshake, unasked, into a stream that carries NBD options.
+        // No TLS 1.3 session tickets: an NBD connection lasts, and resuming
+        // one saves nothing worth a ticket per connection.
         config.send_tls13_tickets = 0;
         Ok(Tls {
             config: Arc::new(config),
@@ -172,7 +172,7 @@ impl Tls {
             client_gone: false,
         };
         let early = input.take_buffered();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("ubd-tls".to_string())
             .stack_size(BRIDGE_STACK)
             .spawn(move || match bridge.run(&early) {
@@ -181,7 +181,7 @@ impl Tls {
             })?;
         // The bridge owns the client's socket now (through its own handle);
         // the handshake goes on over the plaintext end.
-        input.replace_stream(Stream::Unix(plain));
+        input.replace_stream(Stream::Unix(plain), thread);
         Ok(())
     }
 }
@@ -213,10 +213,16 @@ struct Bridge {
 
 impl Bridge {
     fn run(mut self, early: &[u8]) -> Result<(), String> {
-        if !early.is_empty() {
-            self.conn
-                .read_tls(&mut &early[..])
+        // rustls takes a few KiB per call: feed it all of them.
+        let mut early = early;
+        while !early.is_empty() {
+            let n = self
+                .conn
+                .read_tls(&mut early)
                 .map_err(|e| format!("the bytes read before the upgrade: {e}"))?;
+            if n == 0 {
+                break;
+            }
             self.process()?;
         }
         loop {
@@ -298,11 +304,12 @@ impl Bridge {
                 }
                 Err(e) if retry(&e) => {}
                 Err(_) => {
-                    // The server's side is gone: nothing more to pass on.
+                    // The server's side takes nothing more: drop the
+                    // client's input, but still send what it wrote until its
+                    // end closes.
                     self.inbound.clear();
                     self.in_at = 0;
                     self.net_eof = true;
-                    self.plain_eof = true;
                     moved = true;
                 }
             }

@@ -12,10 +12,10 @@ raises (exit status 1) saying what was sent, expected and received.
 """
 
 import os
-import socket
 import ssl
 import struct
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nbd_hostile"))
 
@@ -48,7 +48,9 @@ class Ctx:
         rep, _ = c.option(R.OPT_STARTTLS)
         expect_rep(rep, R.REP_ACK, what)
         tls = ssl.create_default_context(cafile=self.ca)
-        c.sock = tls.wrap_socket(c.sock, server_hostname="localhost")
+        # An end without close_notify raises (ssl.SSLEOFError) instead of
+        # reading as a clean end: a cut-off session fails the case.
+        c.sock = tls.wrap_socket(c.sock, server_hostname="localhost", suppress_ragged_eofs=False)
         log("ok: TLS up (%s, %s)" % (c.sock.version(), c.sock.cipher()[0]))
 
     def expect_base(self, c, offset, length, what):
@@ -152,8 +154,8 @@ def case_garbage(ctx):
     c.send(b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 64)
     got = c.read_to_eof()
     # A TLS alert record starts with content type 21.
-    if got and got[0] != 21:
-        fail("after non-TLS bytes: expected an alert or nothing, got %r" % got[:32])
+    if not got or got[0] != 21:
+        fail("after non-TLS bytes: expected a TLS alert, got %r" % got[:32])
     log("ok: non-TLS bytes after STARTTLS -> closed (%d bytes of alert)" % len(got))
     c.close()
 
@@ -175,20 +177,92 @@ def case_garbage(ctx):
     c.close()
 
 
-def case_idle(ctx):
-    """Connects over TLS, says `ready`, and waits for the server to end the
-    session (the test stops the server meanwhile)."""
+class Slow:
+    """A socket whose reads come at most 16 KiB (one TLS record) at a time,
+    5 ms apart: a client on a slow link (about 3 MB/s), still reading when
+    the server would like to be gone."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def recv(self, n):
+        time.sleep(0.005)
+        return self.sock.recv(min(n, 16384))
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def case_shutdown_in_flight(ctx):
+    """Connects over TLS, sends a READ of the whole export, says `ready`
+    without reading the reply, and then reads it slowly (the test stops the
+    server meanwhile): it must arrive whole, and then the session's
+    close_notify."""
     c = Conn(ctx.sock)
     c.greet()
     ctx.starttls(c, "STARTTLS")
     c.negotiate_structured()
-    c.go()
-    ctx.expect_base(c, 0, 4096, "before the shutdown")
+    size, _ = c.go()
+    cookie = c.send_req(R.CMD_READ, 0, size)
     log("ready")
+    # Not a timing assumption: the reply must arrive however it is read.
+    time.sleep(1)
+    c.sock = Slow(c.sock)
+    r = c.wait(cookie)
+    if r.error or bytes(r.data) != ctx.base[:size]:
+        fail("a READ in flight at the shutdown: %r" % r)
+    log("ok: the READ in flight at the shutdown arrived whole")
     got = c.read_to_eof()
     if got:
         fail("at shutdown: %d unexpected bytes" % len(got))
-    log("ok: the server ended the TLS session at shutdown")
+    log("ok: the server ended the TLS session with a close_notify")
+    c.close()
+
+
+def case_after_disc(ctx):
+    """READ then DISC, the reply read only in part; then more bytes (which
+    no one will read now) before the rest: the whole reply still arrives,
+    and then the close_notify. (The bytes after DISC break the protocol;
+    they stand for any input the server's side no longer takes.)"""
+    c = Conn(ctx.sock)
+    c.greet()
+    ctx.starttls(c, "STARTTLS")
+    c.negotiate_structured()
+    size, _ = c.go()
+    length = 4 << 20
+    c.send(struct.pack(">IHHQQI", R.REQUEST_MAGIC, 0, R.CMD_READ, 7, 0, length))
+    c.disc()
+    # All of the reply (4 MiB of data in chunks) but 400 KiB first: more
+    # than the client's socket holds, so the TLS bridge is left holding
+    # some, and less than all the buffers on the way, so the device's side
+    # can send its last bytes and close.
+    head = c.recv_exact(length - 400 * 1024)
+    # Meanwhile the server has sent its last bytes and closed its side.
+    time.sleep(0.5)
+    try:
+        c.send(struct.pack(">IHHQQI", R.REQUEST_MAGIC, 0, R.CMD_WRITE, 8, 0, 4096) + bytes(4096))
+    except OSError:
+        pass  # the server may have ended the session already
+    got = head + c.read_to_eof()
+    # The structured reply's chunks: OFFSET_DATA pieces, the last one DONE.
+    data, at, done = bytearray(length), 0, False
+    while not done:
+        if at + 20 > len(got):
+            fail("after DISC: the reply stops at byte %d" % len(got))
+        magic, flags, rtype, cookie, n = struct.unpack(">IHHQI", got[at : at + 20])
+        payload = got[at + 20 : at + 20 + n]
+        if magic != R.STRUCTURED_MAGIC or cookie != 7 or len(payload) != n:
+            fail("after DISC: a bad or cut-off chunk at byte %d" % at)
+        if rtype == R.RT_OFFSET_DATA:
+            (off,) = struct.unpack(">Q", payload[:8])
+            data[off : off + n - 8] = payload[8:]
+        elif rtype != R.RT_NONE:
+            fail("after DISC: chunk type %d" % rtype)
+        done = bool(flags & R.REPLY_FLAG_DONE)
+        at += 20 + n
+    if at != len(got) or bytes(data) != ctx.base[:length]:
+        fail("after DISC: %d bytes after the reply, or its data differs" % (len(got) - at))
+    log("ok: the reply to a READ before DISC arrived whole, then the close_notify")
     c.close()
 
 
