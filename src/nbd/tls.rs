@@ -38,8 +38,10 @@ pub const SERVER_KEY: &str = "server-key.pem";
 /// The certificate authority that signs clients' certificates.
 pub const CA_CERT: &str = "ca-cert.pem";
 
-/// Plaintext moved per read, each way.
-const CHUNK: usize = 64 * 1024;
+/// Bytes moved per read or write, each way: ciphertext read from the
+/// client's socket at once (rustls itself reads 4 KiB at a time), plaintext
+/// held for the pair, and what the session may hold encrypted.
+const CHUNK: usize = 128 * 1024;
 /// Stack of a bridge thread (rustls's handshake needs more than the
 /// connection threads' 128 KiB).
 const BRIDGE_STACK: usize = 512 * 1024;
@@ -151,7 +153,8 @@ impl Tls {
     /// to a new bridge thread, and `input` reads the plaintext from then on.
     /// `label` names the connection in the bridge's log lines.
     pub fn upgrade(&self, input: &mut Input, label: String) -> io::Result<()> {
-        let conn = ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
+        let mut conn = ServerConnection::new(self.config.clone()).map_err(io::Error::other)?;
+        conn.set_buffer_limit(Some(CHUNK));
         let (plain, ours) = UnixStream::pair()?;
         plain.set_read_timeout(input.stream().read_timeout()?)?;
         ours.set_nonblocking(true)?;
@@ -161,6 +164,9 @@ impl Tls {
             conn,
             net,
             plain: ours,
+            cipher: Vec::new(),
+            cipher_at: 0,
+            eof_told: false,
             inbound: Vec::new(),
             in_at: 0,
             outbound: Vec::new(),
@@ -192,6 +198,12 @@ struct Bridge {
     conn: ServerConnection,
     net: Stream,
     plain: UnixStream,
+    /// Read from the client's socket; `cipher[cipher_at..]` is not yet in
+    /// the session.
+    cipher: Vec<u8>,
+    cipher_at: usize,
+    /// The session knows the client's socket ended.
+    eof_told: bool,
     /// Plaintext from the client; `inbound[in_at..]` is not yet in `plain`.
     inbound: Vec<u8>,
     in_at: usize,
@@ -254,46 +266,68 @@ impl Bridge {
     /// Moves what can move without blocking; true when something did.
     fn pump(&mut self) -> Result<bool, String> {
         let mut moved = false;
-        // The client's socket into the session.
-        if !self.net_closed && self.conn.wants_read() && self.in_at == self.inbound.len() {
-            match self.conn.read_tls(&mut self.net) {
-                Ok(0) => {
-                    self.net_closed = true;
-                    moved = true;
-                }
-                Ok(_) => {
-                    self.process()?;
-                    moved = true;
-                }
-                Err(e) if retry(&e) => {}
-                Err(e) => return Err(format!("reading the client's socket: {e}")),
-            }
-        }
-        // The session's plaintext into `inbound`.
-        if !self.net_eof && self.in_at == self.inbound.len() {
-            self.inbound.resize(CHUNK, 0);
-            self.in_at = 0;
-            match self.conn.reader().read(&mut self.inbound) {
-                Ok(0) => {
-                    self.inbound.clear();
-                    self.net_eof = true;
-                    moved = true;
-                }
+        // The client's socket into `cipher`, in large reads.
+        if !self.net_closed && self.cipher_at == self.cipher.len() && self.conn.wants_read() {
+            self.cipher.resize(CHUNK, 0);
+            self.cipher_at = 0;
+            match self.net.read(&mut self.cipher) {
                 Ok(n) => {
-                    self.inbound.truncate(n);
+                    self.cipher.truncate(n);
+                    self.net_closed = n == 0;
                     moved = true;
                 }
                 Err(e) => {
-                    self.inbound.clear();
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        // The client closed its socket without a close_notify.
-                        self.net_eof = true;
-                        moved = true;
-                    } else if !retry(&e) {
-                        return Err(format!("TLS: {e}"));
+                    self.cipher.clear();
+                    if !retry(&e) {
+                        return Err(format!("reading the client's socket: {e}"));
                     }
                 }
             }
+        }
+        if self.net_closed && self.cipher_at == self.cipher.len() && !self.eof_told {
+            // An empty read tells the session the socket ended.
+            let _ = self.conn.read_tls(&mut io::empty());
+            self.eof_told = true;
+        }
+        // `cipher` through the session into `inbound`, while it has room:
+        // the session takes a record at a time and holds its plaintext
+        // until that is read.
+        if self.in_at == self.inbound.len() {
+            self.inbound.clear();
+            self.in_at = 0;
+        }
+        while !self.net_eof && self.inbound.len() < CHUNK {
+            let mut fed = false;
+            if self.cipher_at < self.cipher.len() && self.conn.wants_read() {
+                let n = self
+                    .conn
+                    .read_tls(&mut &self.cipher[self.cipher_at..])
+                    .map_err(|e| format!("TLS: {e}"))?;
+                self.cipher_at += n;
+                self.process()?;
+                fed = n > 0;
+            }
+            let start = self.inbound.len();
+            self.inbound.resize(CHUNK, 0);
+            let read = self.conn.reader().read(&mut self.inbound[start..]);
+            let got = match read {
+                Ok(n) => n,
+                Err(ref e) if retry(e) => 0,
+                // The client closed its socket without a close_notify.
+                Err(ref e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(format!("TLS: {e}")),
+            };
+            self.inbound.truncate(start + got);
+            // Ok(0): the close_notify came, or the socket ended.
+            if matches!(read, Ok(0))
+                || matches!(read, Err(ref e) if e.kind() == io::ErrorKind::UnexpectedEof)
+            {
+                self.net_eof = true;
+            }
+            if got == 0 && !fed && !self.net_eof {
+                break;
+            }
+            moved = true;
         }
         // `inbound` into the pair.
         if self.in_at < self.inbound.len() {
@@ -368,7 +402,7 @@ impl Bridge {
     /// Sleeps until one of the sockets can do what the bridge waits for.
     fn wait(&self) -> Result<(), String> {
         let mut net = PollFlags::empty();
-        if !self.net_closed && self.conn.wants_read() && self.in_at == self.inbound.len() {
+        if !self.net_closed && self.cipher_at == self.cipher.len() && self.conn.wants_read() {
             net |= PollFlags::POLLIN;
         }
         if self.conn.wants_write() {
