@@ -35,6 +35,14 @@ use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{BufRef, Completion, MAX_IOV, Op, OpKind};
 use crate::engine::sendbuf::SendBuf;
 
+/// A batch of replies at least this large on the wire means a client is
+/// taking a stream of data: the send completes as fast as the client reads,
+/// so polling for that completion only takes the CPU the client (or a TLS
+/// bridge) needs to read it. (Not so for a large WRITE payload coming in:
+/// polling while it arrives was measured 13% faster for 1 MiB writes from
+/// fio, though 25% slower through a TLS bridge.)
+const STREAMING: usize = 64 * 1024;
+
 /// Bytes of a connection's input buffer (headers, and small payloads that
 /// arrive with them).
 const INPUT: usize = 64 << 10;
@@ -326,6 +334,15 @@ impl Worker {
     /// Whether any connection is live.
     pub(super) fn has_conns(&self) -> bool {
         self.conns.iter().any(Option::is_some)
+    }
+
+    /// Whether a connection has a large batch of replies on the wire (see
+    /// [`STREAMING`]).
+    pub(super) fn streaming(&self) -> bool {
+        self.conns
+            .iter()
+            .flatten()
+            .any(|c| c.sending.is_some_and(|(bytes, _, _)| bytes >= STREAMING))
     }
 
     /// Runs every connection that has something to do.
