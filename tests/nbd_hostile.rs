@@ -25,8 +25,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::SystemTime;
 
 use common::server::Server;
-use common::{output, pseudo_random_bytes, run, sha256_hex, tool, ubd};
-use serde_json::Value;
+use common::{base_and_overlay, nbdinfo_json, output, run, sha256_hex, tool, ubd};
 
 /// Size of the export: room for a 32 MiB WRITE (the maximum payload) and
 /// for the regions the cases write to.
@@ -75,11 +74,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("create a temporary directory");
-        let base = dir.path().join("base.img");
-        let cow = dir.path().join("cow.img");
-        let base_data = pseudo_random_bytes(0x6e62_6468_6f73_7469, SIZE);
-        fs::write(&base, &base_data).expect("write the backing image");
-        run(ubd().arg("create").arg("--backing").arg(&base).arg(&cow));
+        let (base, cow, base_data) = base_and_overlay(dir.path(), 0x6e62_6468_6f73_7469, SIZE);
         let base_before = fingerprint(&base);
         Fixture {
             dir,
@@ -110,15 +105,6 @@ impl Fixture {
                 .arg(&self.base),
         )
     }
-}
-
-/// `nbdinfo --json URI`, parsed: the handshake of a well-behaved client.
-fn nbdinfo_json(uri: &str) -> Value {
-    let json = run(Command::new(tool("nbdinfo", "libnbd-bin"))
-        .arg("--json")
-        .arg(uri));
-    serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("`nbdinfo --json` printed invalid JSON ({e}):\n{json}"))
 }
 
 /// Checks that a fresh, well-behaved client (nbdinfo, then nbdcopy of the

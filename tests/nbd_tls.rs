@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::server::{Server, serve_refused};
-use common::{output, pseudo_random_bytes, run, run_bytes, sha256_hex, tool, ubd};
+use common::{
+    base_and_overlay, nbdinfo_json, output, pseudo_random_bytes, run, run_bytes, sha256_hex, tool,
+};
 use serde_json::Value;
 
 const SIZE: usize = 16 << 20;
@@ -35,11 +37,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("create a temporary directory");
-        let base = dir.path().join("base.img");
-        let cow = dir.path().join("cow.img");
-        let base_data = pseudo_random_bytes(0x746c_735f_6261_7365, SIZE);
-        fs::write(&base, &base_data).expect("write the backing image");
-        run(ubd().arg("create").arg("--backing").arg(&base).arg(&cow));
+        let (base, cow, base_data) = base_and_overlay(dir.path(), 0x746c_735f_6261_7365, SIZE);
         make_certificates(dir.path());
         Fixture {
             dir,
@@ -261,15 +259,6 @@ fn python() -> PathBuf {
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nbd_tls/tls.py")
-}
-
-/// `nbdinfo --json URI`, parsed.
-fn nbdinfo_json(uri: &str) -> Value {
-    let json = run(Command::new(tool("nbdinfo", "libnbd-bin"))
-        .arg("--json")
-        .arg(uri));
-    serde_json::from_str(&json)
-        .unwrap_or_else(|e| panic!("`nbdinfo --json` printed invalid JSON ({e}):\n{json}"))
 }
 
 /// `nbdinfo URI` that must fail; returns its stderr.

@@ -136,6 +136,27 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// In `dir`: `base.img`, `len` pseudo-random bytes from `seed`, and
+/// `cow.img`, an empty overlay over it made by `ubd create`. Returns their
+/// paths and the base's bytes.
+pub fn base_and_overlay(dir: &Path, seed: u64, len: usize) -> (PathBuf, PathBuf, Vec<u8>) {
+    let base = dir.join("base.img");
+    let cow = dir.join("cow.img");
+    let data = pseudo_random_bytes(seed, len);
+    std::fs::write(&base, &data).expect("write the backing image");
+    run(ubd().arg("create").arg("--backing").arg(&base).arg(&cow));
+    (base, cow, data)
+}
+
+/// `nbdinfo --json URI`, parsed: the handshake of a well-behaved client.
+pub fn nbdinfo_json(uri: &str) -> serde_json::Value {
+    let json = run(Command::new(tool("nbdinfo", "libnbd-bin"))
+        .arg("--json")
+        .arg(uri));
+    serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("`nbdinfo --json` printed invalid JSON ({e}):\n{json}"))
+}
+
 /// `ubd info --output json PATH`, parsed.
 pub fn ubd_info(path: &Path) -> serde_json::Value {
     let json = run(ubd().args(["info", "--output", "json"]).arg(path));
