@@ -164,13 +164,10 @@ impl Tls {
             conn,
             net,
             plain: ours,
-            cipher: Vec::new(),
-            cipher_at: 0,
+            cipher: Window::new(),
             eof_told: false,
-            inbound: Vec::new(),
-            in_at: 0,
-            outbound: Vec::new(),
-            out_at: 0,
+            inbound: Window::new(),
+            outbound: Window::new(),
             net_closed: false,
             net_eof: false,
             plain_shut: false,
@@ -198,19 +195,14 @@ struct Bridge {
     conn: ServerConnection,
     net: Stream,
     plain: UnixStream,
-    /// Read from the client's socket; `cipher[cipher_at..]` is not yet in
-    /// the session.
-    cipher: Vec<u8>,
-    cipher_at: usize,
+    /// Read from the client's socket, not yet in the session.
+    cipher: Window,
     /// The session knows the client's socket ended.
     eof_told: bool,
-    /// Plaintext from the client; `inbound[in_at..]` is not yet in `plain`.
-    inbound: Vec<u8>,
-    in_at: usize,
-    /// Plaintext for the client; `outbound[out_at..]` is not yet taken by
-    /// the session.
-    outbound: Vec<u8>,
-    out_at: usize,
+    /// Plaintext from the client, not yet in `plain`.
+    inbound: Window,
+    /// Plaintext for the client, not yet taken by the session.
+    outbound: Window,
     /// The client's socket reached its end.
     net_closed: bool,
     /// No more plaintext will come from the client.
@@ -246,7 +238,7 @@ impl Bridge {
                 Err(_) if self.plain_eof && self.client_gone => return Ok(()),
                 Err(e) => return Err(e),
             }
-            if self.plain_eof && self.out_at == self.outbound.len() && !self.conn.wants_write() {
+            if self.plain_eof && self.outbound.is_empty() && !self.conn.wants_write() {
                 return Ok(());
             }
             self.wait()?;
@@ -267,24 +259,18 @@ impl Bridge {
     fn pump(&mut self) -> Result<bool, String> {
         let mut moved = false;
         // The client's socket into `cipher`, in large reads.
-        if !self.net_closed && self.cipher_at == self.cipher.len() && self.conn.wants_read() {
-            self.cipher.resize(CHUNK, 0);
-            self.cipher_at = 0;
-            match self.net.read(&mut self.cipher) {
+        if !self.net_closed && self.cipher.is_empty() && self.conn.wants_read() {
+            match self.net.read(self.cipher.space()) {
                 Ok(n) => {
-                    self.cipher.truncate(n);
+                    self.cipher.filled(n);
                     self.net_closed = n == 0;
                     moved = true;
                 }
-                Err(e) => {
-                    self.cipher.clear();
-                    if !retry(&e) {
-                        return Err(format!("reading the client's socket: {e}"));
-                    }
-                }
+                Err(e) if retry(&e) => {}
+                Err(e) => return Err(format!("reading the client's socket: {e}")),
             }
         }
-        if self.net_closed && self.cipher_at == self.cipher.len() && !self.eof_told {
+        if self.net_closed && self.cipher.is_empty() && !self.eof_told {
             // An empty read tells the session the socket ended.
             let _ = self.conn.read_tls(&mut io::empty());
             self.eof_told = true;
@@ -292,24 +278,18 @@ impl Bridge {
         // `cipher` through the session into `inbound`, while it has room:
         // the session takes a record at a time and holds its plaintext
         // until that is read.
-        if self.in_at == self.inbound.len() {
-            self.inbound.clear();
-            self.in_at = 0;
-        }
-        while !self.net_eof && self.inbound.len() < CHUNK {
+        while !self.net_eof && self.inbound.has_space() {
             let mut fed = false;
-            if self.cipher_at < self.cipher.len() && self.conn.wants_read() {
+            if !self.cipher.is_empty() && self.conn.wants_read() {
                 let n = self
                     .conn
-                    .read_tls(&mut &self.cipher[self.cipher_at..])
+                    .read_tls(&mut self.cipher.data())
                     .map_err(|e| format!("TLS: {e}"))?;
-                self.cipher_at += n;
+                self.cipher.consume(n);
                 self.process()?;
                 fed = n > 0;
             }
-            let start = self.inbound.len();
-            self.inbound.resize(CHUNK, 0);
-            let read = self.conn.reader().read(&mut self.inbound[start..]);
+            let read = self.conn.reader().read(self.inbound.space());
             let got = match read {
                 Ok(n) => n,
                 Err(ref e) if retry(e) => 0,
@@ -317,7 +297,7 @@ impl Bridge {
                 Err(ref e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
                 Err(e) => return Err(format!("TLS: {e}")),
             };
-            self.inbound.truncate(start + got);
+            self.inbound.filled(got);
             // Ok(0): the close_notify came, or the socket ended.
             if matches!(read, Ok(0))
                 || matches!(read, Err(ref e) if e.kind() == io::ErrorKind::UnexpectedEof)
@@ -330,10 +310,10 @@ impl Bridge {
             moved = true;
         }
         // `inbound` into the pair.
-        if self.in_at < self.inbound.len() {
-            match self.plain.write(&self.inbound[self.in_at..]) {
+        if !self.inbound.is_empty() {
+            match self.plain.write(self.inbound.data()) {
                 Ok(n) => {
-                    self.in_at += n;
+                    self.inbound.consume(n);
                     moved = true;
                 }
                 Err(e) if retry(&e) => {}
@@ -342,30 +322,26 @@ impl Bridge {
                     // client's input, but still send what it wrote until its
                     // end closes.
                     self.inbound.clear();
-                    self.in_at = 0;
                     self.net_eof = true;
                     moved = true;
                 }
             }
         }
-        if self.net_eof && self.in_at == self.inbound.len() && !self.plain_shut {
+        if self.net_eof && self.inbound.is_empty() && !self.plain_shut {
             let _ = self.plain.shutdown(Shutdown::Write);
             self.plain_shut = true;
             moved = true;
         }
         // The pair into `outbound`.
-        if !self.plain_eof && self.out_at == self.outbound.len() {
-            self.outbound.resize(CHUNK, 0);
-            self.out_at = 0;
-            match self.plain.read(&mut self.outbound) {
+        if !self.plain_eof && self.outbound.is_empty() {
+            match self.plain.read(self.outbound.space()) {
                 Ok(n @ 1..) => {
-                    self.outbound.truncate(n);
+                    self.outbound.filled(n);
                     moved = true;
                 }
-                Err(e) if retry(&e) => self.outbound.clear(),
+                Err(e) if retry(&e) => {}
                 // Closed, or broken: the session ends with a close_notify.
                 Ok(0) | Err(_) => {
-                    self.outbound.clear();
                     self.plain_eof = true;
                     self.conn.send_close_notify();
                     moved = true;
@@ -373,13 +349,13 @@ impl Bridge {
             }
         }
         // `outbound` into the session.
-        if self.out_at < self.outbound.len() {
+        if !self.outbound.is_empty() {
             let n = self
                 .conn
                 .writer()
-                .write(&self.outbound[self.out_at..])
+                .write(self.outbound.data())
                 .map_err(|e| format!("TLS: {e}"))?;
-            self.out_at += n;
+            self.outbound.consume(n);
             moved = moved || n > 0;
         }
         // The session into the client's socket.
@@ -402,17 +378,17 @@ impl Bridge {
     /// Sleeps until one of the sockets can do what the bridge waits for.
     fn wait(&self) -> Result<(), String> {
         let mut net = PollFlags::empty();
-        if !self.net_closed && self.cipher_at == self.cipher.len() && self.conn.wants_read() {
+        if !self.net_closed && self.cipher.is_empty() && self.conn.wants_read() {
             net |= PollFlags::POLLIN;
         }
         if self.conn.wants_write() {
             net |= PollFlags::POLLOUT;
         }
         let mut plain = PollFlags::empty();
-        if !self.plain_eof && self.out_at == self.outbound.len() {
+        if !self.plain_eof && self.outbound.is_empty() {
             plain |= PollFlags::POLLIN;
         }
-        if self.in_at < self.inbound.len() {
+        if !self.inbound.is_empty() {
             plain |= PollFlags::POLLOUT;
         }
         // A socket the bridge waits on for nothing stays out of the set:
@@ -431,6 +407,60 @@ impl Bridge {
             Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
             Err(e) => Err(format!("poll: {e}")),
         }
+    }
+}
+
+/// A buffer of `CHUNK` bytes of which `buf[at..end]` holds data not yet
+/// passed on; allocated (and zeroed) once.
+struct Window {
+    buf: Box<[u8]>,
+    at: usize,
+    end: usize,
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            buf: vec![0; CHUNK].into_boxed_slice(),
+            at: 0,
+            end: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at == self.end
+    }
+
+    fn has_space(&self) -> bool {
+        self.is_empty() || self.end < self.buf.len()
+    }
+
+    /// The data not yet passed on.
+    fn data(&self) -> &[u8] {
+        &self.buf[self.at..self.end]
+    }
+
+    /// Where more data goes (the whole buffer once it is empty).
+    fn space(&mut self) -> &mut [u8] {
+        if self.is_empty() {
+            self.clear();
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// `n` bytes were written into [`Window::space`].
+    fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// `n` bytes of [`Window::data`] were passed on.
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.end);
+    }
+
+    fn clear(&mut self) {
+        self.at = 0;
+        self.end = 0;
     }
 }
 
