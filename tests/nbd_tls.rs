@@ -492,7 +492,7 @@ fn bad_tls_input_harms_no_one_and_shutdown_ends_tls_sessions() {
     // when the server is stopped: SIGTERM still ends in exit 0, and the
     // client, reading slowly, gets the whole reply and then the session's
     // close_notify.
-    let mut idle = Command::new(python())
+    let mut client = Command::new(python())
         .arg(script())
         .arg("shutdown_in_flight")
         .arg(fx.socket())
@@ -502,7 +502,7 @@ fn bad_tls_input_harms_no_one_and_shutdown_ends_tls_sessions() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start tls.py shutdown_in_flight");
-    let mut lines = BufReader::new(idle.stdout.take().expect("stdout")).lines();
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.expect("read tls.py's output");
@@ -515,7 +515,7 @@ fn bad_tls_input_harms_no_one_and_shutdown_ends_tls_sessions() {
     let (status, stderr) = server.take().expect("server").stop();
     assert!(status.success(), "server exit {status}:\n{stderr}");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let done = idle.wait_with_output().expect("wait for tls.py");
+    let done = client.wait_with_output().expect("wait for tls.py");
     assert!(
         done.status.success() && rest.iter().any(|l| l == "PASS shutdown_in_flight"),
         "tls.py shutdown_in_flight: {seen:?} {rest:?}\n{}",
