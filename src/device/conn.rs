@@ -336,13 +336,18 @@ impl Worker {
         self.conns.iter().any(Option::is_some)
     }
 
-    /// Whether a connection has a large batch of replies on the wire (see
-    /// [`STREAMING`]).
-    pub(super) fn streaming(&self) -> bool {
-        self.conns
-            .iter()
-            .flatten()
-            .any(|c| c.sending.is_some_and(|(bytes, _, _)| bytes >= STREAMING))
+    /// Whether polling for a connection's next completion may pay: some
+    /// connection is live, and none has a large batch of replies on the wire
+    /// (see [`STREAMING`]). One pass over the connections.
+    pub(super) fn conns_want_polling(&self) -> bool {
+        let mut live = false;
+        for c in self.conns.iter().flatten() {
+            if c.sending.is_some_and(|(bytes, _, _)| bytes >= STREAMING) {
+                return false;
+            }
+            live = true;
+        }
+        live
     }
 
     /// Runs every connection that has something to do.

@@ -509,11 +509,12 @@ impl Worker {
             // 1.4k against 2.0-2.2k).
             let in_flight = self.max_requests as usize - self.free.len();
             self.recent_depth = recent_depth(self.recent_depth, in_flight);
-            let spin = if self.has_conns() && self.recent_depth <= 2 && !self.streaming() {
-                self.spin
-            } else {
-                std::time::Duration::ZERO
-            };
+            let spin =
+                if !self.spin.is_zero() && self.recent_depth <= 2 && self.conns_want_polling() {
+                    self.spin
+                } else {
+                    std::time::Duration::ZERO
+                };
             self.ring.set_spin(spin);
             let woken = self.ring.run(wait, &mut |c| done.push(c));
             if let Err(e) = woken {

@@ -77,9 +77,9 @@ const OFFERED: u16 = hflag::FIXED_NEWSTYLE | hflag::NO_ZEROES;
 struct Negotiation<'a> {
     input: &'a mut Input,
     exports: &'a Exports,
-    /// TLS, when the server offers it, and whether this connection is on it.
+    /// TLS, when the server offers it (`input` says whether this connection
+    /// is on it).
     tls: Option<&'a Tls>,
-    tls_on: bool,
     /// Names the connection in the TLS bridge's log lines.
     label: &'a str,
     style: Style,
@@ -104,7 +104,6 @@ pub fn negotiate(
         input,
         exports,
         tls,
-        tls_on: false,
         label,
         style: Style::Simple,
         no_zeroes: false,
@@ -151,7 +150,7 @@ impl Negotiation<'_> {
     fn option(&mut self, option: u32, data: &[u8]) -> Result<Option<Session>, HandshakeError> {
         use super::codec::opt;
         let required = self.tls.is_some_and(|t| t.mode() == TlsMode::Require);
-        if required && !self.tls_on && option != opt::STARTTLS && option != opt::ABORT {
+        if required && !self.input.is_tls() && option != opt::STARTTLS && option != opt::ABORT {
             // EXPORT_NAME has no error reply: the session ends.
             if option == opt::EXPORT_NAME {
                 return Err(HandshakeError::TlsRequired);
@@ -206,7 +205,7 @@ impl Negotiation<'_> {
                         "TLS is not configured on this server",
                     )?;
                 }
-                Some(_) if self.tls_on => {
+                Some(_) if self.input.is_tls() => {
                     self.error(option, rep::ERR_INVALID, "TLS is already on")?;
                 }
                 Some(tls) => {
@@ -214,7 +213,6 @@ impl Negotiation<'_> {
                     self.send()?;
                     tls.upgrade(self.input, self.label.to_string())
                         .map_err(HandshakeError::Tls)?;
-                    self.tls_on = true;
                     // Nothing negotiated in the clear carries over.
                     self.style = Style::Simple;
                     self.contexts = Contexts::default();
@@ -276,7 +274,7 @@ impl Negotiation<'_> {
             } else {
                 Contexts::default()
             },
-            tls: self.tls_on,
+            tls: self.input.is_tls(),
         }
     }
 

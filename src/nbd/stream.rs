@@ -190,6 +190,11 @@ impl Input {
         self.bridge = Some(bridge);
     }
 
+    /// Whether the connection went over to TLS (a bridge feeds `stream`).
+    pub fn is_tls(&self) -> bool {
+        self.bridge.is_some()
+    }
+
     /// The socket, the bytes read from it and not yet consumed, and the
     /// TLS bridge behind it (to be joined once the socket is closed).
     pub fn into_parts(mut self) -> (OwnedFd, Vec<u8>, Option<std::thread::JoinHandle<()>>) {

@@ -164,8 +164,8 @@ impl Tls {
             conn,
             net,
             plain: ours,
-            cipher: Window::new(),
-            eof_told: false,
+            // Bytes read past the option go to the session first.
+            cipher: Window::holding(&input.take_buffered()),
             inbound: Window::new(),
             outbound: Window::new(),
             net_closed: false,
@@ -174,11 +174,10 @@ impl Tls {
             plain_eof: false,
             client_gone: false,
         };
-        let early = input.take_buffered();
         let thread = std::thread::Builder::new()
             .name("ubd-tls".to_string())
             .stack_size(BRIDGE_STACK)
-            .spawn(move || match bridge.run(&early) {
+            .spawn(move || match bridge.run() {
                 Ok(()) => tracing::debug!(conn = %label, "TLS session closed"),
                 Err(why) => tracing::info!(conn = %label, "TLS session ended: {why}"),
             })?;
@@ -197,8 +196,6 @@ struct Bridge {
     plain: UnixStream,
     /// Read from the client's socket, not yet in the session.
     cipher: Window,
-    /// The session knows the client's socket ended.
-    eof_told: bool,
     /// Plaintext from the client, not yet in `plain`.
     inbound: Window,
     /// Plaintext for the client, not yet taken by the session.
@@ -216,19 +213,7 @@ struct Bridge {
 }
 
 impl Bridge {
-    fn run(mut self, early: &[u8]) -> Result<(), String> {
-        // rustls takes a few KiB per call: feed it all of them.
-        let mut early = early;
-        while !early.is_empty() {
-            let n = self
-                .conn
-                .read_tls(&mut early)
-                .map_err(|e| format!("the bytes read before the upgrade: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            self.process()?;
-        }
+    fn run(mut self) -> Result<(), String> {
         loop {
             match self.pump() {
                 Ok(true) => continue,
@@ -261,19 +246,19 @@ impl Bridge {
         // The client's socket into `cipher`, in large reads.
         if !self.net_closed && self.cipher.is_empty() && self.conn.wants_read() {
             match self.net.read(self.cipher.space()) {
+                Ok(0) => {
+                    // An empty read tells the session the socket ended.
+                    let _ = self.conn.read_tls(&mut io::empty());
+                    self.net_closed = true;
+                    moved = true;
+                }
                 Ok(n) => {
                     self.cipher.filled(n);
-                    self.net_closed = n == 0;
                     moved = true;
                 }
                 Err(e) if retry(&e) => {}
                 Err(e) => return Err(format!("reading the client's socket: {e}")),
             }
-        }
-        if self.net_closed && self.cipher.is_empty() && !self.eof_told {
-            // An empty read tells the session the socket ended.
-            let _ = self.conn.read_tls(&mut io::empty());
-            self.eof_told = true;
         }
         // `cipher` through the session into `inbound`, while it has room:
         // the session takes a record at a time and holds its plaintext
@@ -289,21 +274,21 @@ impl Bridge {
                 self.process()?;
                 fed = n > 0;
             }
-            let read = self.conn.reader().read(self.inbound.space());
-            let got = match read {
-                Ok(n) => n,
-                Err(ref e) if retry(e) => 0,
+            let got = match self.conn.reader().read(self.inbound.space()) {
+                Ok(n) => {
+                    // 0: the close_notify came.
+                    self.net_eof = n == 0;
+                    n
+                }
+                Err(e) if retry(&e) => 0,
                 // The client closed its socket without a close_notify.
-                Err(ref e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.net_eof = true;
+                    0
+                }
                 Err(e) => return Err(format!("TLS: {e}")),
             };
             self.inbound.filled(got);
-            // Ok(0): the close_notify came, or the socket ended.
-            if matches!(read, Ok(0))
-                || matches!(read, Err(ref e) if e.kind() == io::ErrorKind::UnexpectedEof)
-            {
-                self.net_eof = true;
-            }
             if got == 0 && !fed && !self.net_eof {
                 break;
             }
@@ -393,17 +378,17 @@ impl Bridge {
         }
         // A socket the bridge waits on for nothing stays out of the set:
         // its hang-up would wake the poll at once, again and again.
-        let mut fds = Vec::with_capacity(2);
-        if !net.is_empty() {
-            fds.push(PollFd::new(self.net.as_fd(), net));
-        }
-        if !plain.is_empty() {
-            fds.push(PollFd::new(self.plain.as_fd(), plain));
-        }
-        if fds.is_empty() {
-            return Err("stalled: nothing left to wait for".to_string());
-        }
-        match poll(&mut fds, PollTimeout::NONE) {
+        let mut fds = [
+            PollFd::new(self.net.as_fd(), net),
+            PollFd::new(self.plain.as_fd(), plain),
+        ];
+        let fds = match (net.is_empty(), plain.is_empty()) {
+            (false, false) => &mut fds[..],
+            (false, true) => &mut fds[..1],
+            (true, false) => &mut fds[1..],
+            (true, true) => return Err("stalled: nothing left to wait for".to_string()),
+        };
+        match poll(fds, PollTimeout::NONE) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
             Err(e) => Err(format!("poll: {e}")),
         }
@@ -420,10 +405,17 @@ struct Window {
 
 impl Window {
     fn new() -> Window {
+        Window::holding(&[])
+    }
+
+    /// A window holding `data` (more than `CHUNK` bytes make it larger).
+    fn holding(data: &[u8]) -> Window {
+        let mut buf = vec![0; CHUNK.max(data.len())].into_boxed_slice();
+        buf[..data.len()].copy_from_slice(data);
         Window {
-            buf: vec![0; CHUNK].into_boxed_slice(),
+            buf,
             at: 0,
-            end: 0,
+            end: data.len(),
         }
     }
 

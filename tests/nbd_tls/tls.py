@@ -20,21 +20,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nbd_hostile"))
 
 import rawnbd as R  # noqa: E402
-from rawnbd import Conn, ProtocolError, rep_name  # noqa: E402
-
-
-def fail(msg):
-    raise ProtocolError(msg)
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def expect_rep(rep, want, what):
-    if rep != want:
-        fail("%s: expected %s, got %s" % (what, rep_name(want), rep_name(rep)))
-    log("ok: %s -> %s" % (what, rep_name(rep)))
+from hostile import expect_rep, fail, log  # noqa: E402
+from rawnbd import Conn  # noqa: E402
 
 
 class Ctx:
@@ -230,7 +217,7 @@ def case_after_disc(ctx):
     c.negotiate_structured()
     size, _ = c.go()
     length = 4 << 20
-    c.send(struct.pack(">IHHQQI", R.REQUEST_MAGIC, 0, R.CMD_READ, 7, 0, length))
+    c.send_req(R.CMD_READ, 0, length, cookie=7, track=False)
     c.disc()
     # All of the reply (4 MiB of data in chunks) but 400 KiB first: more
     # than the client's socket holds, so the TLS bridge is left holding
@@ -240,7 +227,7 @@ def case_after_disc(ctx):
     # Meanwhile the server has sent its last bytes and closed its side.
     time.sleep(0.5)
     try:
-        c.send(struct.pack(">IHHQQI", R.REQUEST_MAGIC, 0, R.CMD_WRITE, 8, 0, 4096) + bytes(4096))
+        c.send_req(R.CMD_WRITE, 0, 4096, payload=bytes(4096), cookie=8, track=False)
     except OSError:
         pass  # the server may have ended the session already
     got = head + c.read_to_eof()
