@@ -2,10 +2,10 @@
 //! clients: libnbd's tools (GnuTLS) over a Unix socket and over TCP, qemu-io
 //! and qemu-img with a `tls-creds-x509` object, and a byte-for-byte client
 //! (`tests/nbd_tls/tls.py`, python's ssl module) for what the tools never
-//! send. The certificates are made for each test with openssl: a CA, a server
-//! certificate for "localhost" and 127.0.0.1 signed by it, a client
-//! certificate signed by it, and a self-signed client certificate it never
-//! saw.
+//! send. The certificates are made for each test by `scripts/tls-certs`: a
+//! CA, a server certificate for "localhost" and 127.0.0.1 signed by it, a
+//! client certificate signed by it, and a client certificate from a second
+//! CA the server never saw.
 //!
 //! Needs `openssl`, `libnbd-bin`, `python3-libnbd` (for /usr/bin/python3),
 //! `qemu-utils`; fails naming the package when one is missing.
@@ -104,145 +104,47 @@ impl Fixture {
     }
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = output(
-        Command::new(tool("openssl", "openssl"))
-            .current_dir(dir)
-            .args(args),
-    );
-    assert!(
-        out.status.success(),
-        "openssl {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An EC key `NAME-key.pem` and a request for it with subject CN=`cn`.
-fn key_and_request(dir: &Path, name: &str, cn: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}-key.pem"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-}
-
-/// In `dir`: `server/` (ca-cert.pem, server-cert.pem, server-key.pem, as
-/// the server and qemu-nbd read them), `client/` (ca-cert.pem, as libnbd
-/// reads it), `client-auth/` (with a client certificate the CA signed) and
-/// `client-rogue/` (with a self-signed one).
+/// In `dir`, with `scripts/tls-certs`: `server/` (ca-cert.pem,
+/// server-cert.pem, server-key.pem, as the server and qemu-nbd read them),
+/// `client/` (ca-cert.pem only, as libnbd reads it), `client-auth/` (with a
+/// client certificate the CA signed) and `client-rogue/` (with one a second
+/// CA signed, which the server never saw).
 fn make_certificates(dir: &Path) {
-    let ca_ext = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n";
-    fs::write(dir.join("ca.ext"), ca_ext).unwrap();
-    key_and_request(dir, "ca", "ubd test CA");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "ca.csr",
-            "-signkey",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "30",
-            "-extfile",
-            "ca.ext",
-        ],
-    );
-    let leaf = |name: &str, usage: &str, san: &str| {
-        let ext = format!(
-            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={usage}\n{san}"
+    let tls_certs = |to: &Path| {
+        let out = output(
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tls-certs")).arg(to),
         );
-        fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-        key_and_request(dir, name, "localhost");
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-set_serial",
-                "2",
-                "-out",
-                &format!("{name}-cert.pem"),
-                "-days",
-                "30",
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
+        assert!(
+            out.status.success(),
+            "scripts/tls-certs {} failed:\n{}",
+            to.display(),
+            String::from_utf8_lossy(&out.stderr)
         );
     };
-    leaf(
-        "server",
-        "serverAuth",
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    );
-    leaf("client", "clientAuth", "");
-    key_and_request(dir, "rogue", "localhost");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "rogue.csr",
-            "-signkey",
-            "rogue-key.pem",
-            "-out",
-            "rogue-cert.pem",
-            "-days",
-            "30",
-        ],
-    );
-    let place = |sub: &str, files: &[(&str, &str)]| {
+    let (pki, rogue) = (dir.join("pki"), dir.join("pki-rogue"));
+    tls_certs(&pki);
+    tls_certs(&rogue);
+    let place = |sub: &str, files: &[PathBuf]| {
         fs::create_dir_all(dir.join(sub)).unwrap();
-        for (from, to) in files {
-            fs::copy(dir.join(from), dir.join(sub).join(to)).unwrap();
+        for from in files {
+            fs::copy(from, dir.join(sub).join(from.file_name().unwrap())).unwrap();
         }
     };
     place(
         "server",
-        &[
-            ("ca-cert.pem", "ca-cert.pem"),
-            ("server-cert.pem", "server-cert.pem"),
-            ("server-key.pem", "server-key.pem"),
-        ],
+        &["ca-cert.pem", "server-cert.pem", "server-key.pem"].map(|f| pki.join("server").join(f)),
     );
-    place("client", &[("ca-cert.pem", "ca-cert.pem")]);
+    place("client", &[pki.join("ca/ca-cert.pem")]);
     place(
         "client-auth",
-        &[
-            ("ca-cert.pem", "ca-cert.pem"),
-            ("client-cert.pem", "client-cert.pem"),
-            ("client-key.pem", "client-key.pem"),
-        ],
+        &["ca-cert.pem", "client-cert.pem", "client-key.pem"].map(|f| pki.join("client").join(f)),
     );
     place(
         "client-rogue",
         &[
-            ("ca-cert.pem", "ca-cert.pem"),
-            ("rogue-cert.pem", "client-cert.pem"),
-            ("rogue-key.pem", "client-key.pem"),
+            pki.join("ca/ca-cert.pem"),
+            rogue.join("client/client-cert.pem"),
+            rogue.join("client/client-key.pem"),
         ],
     );
 }
@@ -559,8 +461,8 @@ fn tls_settings_are_checked_before_serving() {
     // A key that is not the certificate's.
     let wrong = fx.path("wrong");
     fs::create_dir_all(&wrong).unwrap();
-    fs::copy(fx.path("server-cert.pem"), wrong.join("server-cert.pem")).unwrap();
-    fs::copy(fx.path("client-key.pem"), wrong.join("server-key.pem")).unwrap();
+    fs::copy(fx.path("server/server-cert.pem"), wrong.join("server-cert.pem")).unwrap();
+    fs::copy(fx.path("client-auth/client-key.pem"), wrong.join("server-key.pem")).unwrap();
     let (code, stderr) = serve_refused(
         &socket,
         &[cow, "--tls-certificates", wrong.to_str().unwrap()],
