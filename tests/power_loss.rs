@@ -734,3 +734,94 @@ fn flush_rounds_beside_mib_copies_claim_no_bit_early() {
         println!("{cache:?}: {MIBS} copies, {rounds} FLUSHes beside them, {checked} bits checked");
     }
 }
+
+/// The invariant-7 check itself, on logs made up by hand: it passes a bit
+/// set after its data was written and synced, and fails each way of setting
+/// it early, so a loosened check cannot pass the runs above unnoticed.
+#[test]
+fn the_bitmap_check_fails_each_early_bit_in_a_made_up_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = fresh_overlay(dir.path(), 6, BASE_LEN);
+    let initial = fs::read(&cow).unwrap();
+    let header = Header::parse(&initial).unwrap();
+    let g = Geometry::new(&header).unwrap();
+    let (data, bitmap) = (g.data_offset, g.bitmap_offset);
+    let write = |op, offset, data: Vec<u8>| Event::Write {
+        op,
+        role: Role::Main,
+        offset,
+        data,
+    };
+    let sync = |op| Event::Sync {
+        op,
+        role: Role::Main,
+    };
+    let done = |op| Event::Done { op };
+    // Sector 3's data (at the start of its own sector, not a MiB boundary)
+    // and the bitmap byte that sets its bit.
+    let sector3 = || write(1, data + 3 * SECTOR as u64, vec![0xa5; SECTOR]);
+    let bit3 = |op| write(op, bitmap, vec![1 << 3]);
+
+    let good = [sector3(), done(1), sync(2), done(2), bit3(3), done(3)];
+    assert_eq!(bitmap_follows_data(&good, &initial), Ok(1));
+    let zeroed = [
+        Event::Zero {
+            op: 1,
+            role: Role::Main,
+            offset: data + 3 * SECTOR as u64,
+            len: SECTOR as u64,
+        },
+        done(1),
+        sync(2),
+        done(2),
+        bit3(3),
+    ];
+    assert_eq!(bitmap_follows_data(&zeroed, &initial), Ok(1));
+    // A bitmap byte rewritten with bits already set checks nothing new.
+    let again = [sector3(), done(1), sync(2), done(2), bit3(3), bit3(4)];
+    assert_eq!(bitmap_follows_data(&again, &initial), Ok(1));
+
+    let early: [(&str, Vec<Event>); 6] = [
+        ("no data at all", vec![bit3(3)]),
+        (
+            "data not yet done",
+            vec![sector3(), sync(2), done(2), bit3(3)],
+        ),
+        (
+            "the sync submitted before the data was done",
+            vec![sector3(), sync(2), done(1), done(2), bit3(3)],
+        ),
+        (
+            "the sync not yet done",
+            vec![sector3(), done(1), sync(2), bit3(3), done(2)],
+        ),
+        (
+            "a partial write of the sector",
+            vec![
+                write(1, data + 3 * SECTOR as u64 + 1, vec![0xa5; SECTOR - 1]),
+                done(1),
+                sync(2),
+                done(2),
+                bit3(3),
+            ],
+        ),
+        (
+            "only the zero fill of its MiB",
+            vec![
+                write(1, data, vec![0; 1 << 20]),
+                done(1),
+                sync(2),
+                done(2),
+                bit3(3),
+            ],
+        ),
+    ];
+    for (case, log) in early {
+        let got = bitmap_follows_data(&log, &initial);
+        assert!(
+            got.as_ref()
+                .is_err_and(|why| why.contains("sets the bit of sector 3")),
+            "{case}: the check gave {got:?}"
+        );
+    }
+}
