@@ -377,6 +377,7 @@ fn bad_tls_input_harms_no_one_and_shutdown_ends_tls_sessions() {
     let pid = server.as_ref().expect("server").pid();
     let idle_threads = threads(pid);
     fx.case("garbage");
+    fx.case("pipelined_hello");
     fx.case("after_disc");
     // Every connection's threads, the TLS bridges' too, end with it.
     let start = std::time::Instant::now();
@@ -461,8 +462,16 @@ fn tls_settings_are_checked_before_serving() {
     // A key that is not the certificate's.
     let wrong = fx.path("wrong");
     fs::create_dir_all(&wrong).unwrap();
-    fs::copy(fx.path("server/server-cert.pem"), wrong.join("server-cert.pem")).unwrap();
-    fs::copy(fx.path("client-auth/client-key.pem"), wrong.join("server-key.pem")).unwrap();
+    fs::copy(
+        fx.path("server/server-cert.pem"),
+        wrong.join("server-cert.pem"),
+    )
+    .unwrap();
+    fs::copy(
+        fx.path("client-auth/client-key.pem"),
+        wrong.join("server-key.pem"),
+    )
+    .unwrap();
     let (code, stderr) = serve_refused(
         &socket,
         &[cow, "--tls-certificates", wrong.to_str().unwrap()],

@@ -164,6 +164,85 @@ def case_garbage(ctx):
     c.close()
 
 
+class BioSocket:
+    """A TLS session run through memory BIOs over a plain socket, so that the
+    client can put its first handshake bytes on the wire whenever it likes.
+    Reads and writes like a socket for rawnbd.Conn."""
+
+    def __init__(self, raw, tls, incoming, outgoing):
+        self.raw, self.tls, self.incoming, self.outgoing = raw, tls, incoming, outgoing
+
+    def _flush(self):
+        data = self.outgoing.read()
+        if data:
+            self.raw.sendall(data)
+
+    def _fill(self):
+        chunk = self.raw.recv(1 << 16)
+        if chunk:
+            self.incoming.write(chunk)
+        else:
+            self.incoming.write_eof()
+
+    def _until_done(self, step):
+        while True:
+            try:
+                result = step()
+                self._flush()
+                return result
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+
+    def handshake(self):
+        self._until_done(self.tls.do_handshake)
+
+    def sendall(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[self._until_done(lambda: self.tls.write(view)) :]
+
+    def recv(self, n):
+        try:
+            return self._until_done(lambda: self.tls.read(n))
+        except ssl.SSLZeroReturnError:
+            return b""
+
+    def close(self):
+        self.raw.close()
+
+
+def case_pipelined_hello(ctx):
+    """A client that sends its ClientHello right behind STARTTLS, before the
+    server's reply, in one write: the server hands what it read past the
+    option to the TLS session, however much. The hello is over 4 KiB here
+    (a long ALPN list, which the server ignores)."""
+    c = Conn(ctx.sock)
+    c.greet()
+    tls = ssl.create_default_context(cafile=ctx.ca)
+    tls.set_alpn_protocols(["x-ubd-%02d-" % i + "p" * 240 for i in range(24)])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    try:
+        session.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    if len(hello) <= 4096:
+        fail("the ClientHello is %d bytes, meant to be over 4 KiB" % len(hello))
+    c.send(struct.pack(">QII", R.IHAVEOPT, R.OPT_STARTTLS, 0) + hello)
+    rep, _ = c.read_final(R.OPT_STARTTLS)
+    expect_rep(rep, R.REP_ACK, "STARTTLS with a %d-byte ClientHello behind it" % len(hello))
+    c.sock = BioSocket(c.sock, session, incoming, outgoing)
+    c.sock.handshake()
+    log("ok: TLS up with a %d-byte ClientHello sent before the STARTTLS reply (%s)" % (len(hello), session.version()))
+    c.negotiate_structured()
+    c.go()
+    ctx.expect_base(c, 0, 65536, "after the pipelined ClientHello")
+    c.disc()
+    c.close()
+
+
 class Slow:
     """A socket whose reads come at most 16 KiB (one TLS record) at a time,
     5 ms apart: a client on a slow link (about 3 MB/s), still reading when
