@@ -380,14 +380,10 @@ fn serve_on(
         };
         tracing::info!("TLS {how}");
     }
+    let tls_required = matches!(plan.tls.as_ref().map(|t| t.mode()), Some(TlsMode::Require));
     for l in listeners {
         for export in exports.iter() {
-            let uri = l.uri();
-            // nbds: the scheme of a URI whose connection must use TLS.
-            let uri = match plan.tls.as_ref().map(|t| t.mode()) {
-                Some(TlsMode::Require) => uri.replacen("nbd", "nbds", 1),
-                _ => uri,
-            };
+            let uri = l.uri(tls_required);
             let uri = if export.name.is_empty() {
                 uri
             } else {

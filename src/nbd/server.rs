@@ -171,8 +171,10 @@ impl Listener {
         Ok(Some(listeners))
     }
 
-    /// Where clients reach it, as an NBD URI (default export).
-    pub fn uri(&self) -> String {
+    /// Where clients reach it, as an NBD URI (default export); `tls`: the
+    /// connection must use TLS (the `nbds` schemes).
+    pub fn uri(&self, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match self {
             Listener::Unix { listener, path } => {
                 let path = path
@@ -184,12 +186,12 @@ impl Listener {
                             .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                     })
                     .unwrap_or_default();
-                format!("nbd+unix:///?socket={}", path.display())
+                format!("nbd{s}+unix:///?socket={}", path.display())
             }
             Listener::Tcp(l) => match l.local_addr() {
-                Ok(a) if a.is_ipv6() => format!("nbd://[{}]:{}/", a.ip(), a.port()),
-                Ok(a) => format!("nbd://{a}/"),
-                Err(_) => "nbd://?".to_string(),
+                Ok(a) if a.is_ipv6() => format!("nbd{s}://[{}]:{}/", a.ip(), a.port()),
+                Ok(a) => format!("nbd{s}://{a}/"),
+                Err(_) => format!("nbd{s}://?"),
             },
         }
     }

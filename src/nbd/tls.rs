@@ -172,7 +172,6 @@ impl Tls {
             net_eof: false,
             plain_shut: false,
             plain_eof: false,
-            client_gone: false,
         };
         let thread = std::thread::Builder::new()
             .name("ubd-tls".to_string())
@@ -208,8 +207,19 @@ struct Bridge {
     plain_shut: bool,
     /// The server's side closed (or broke) its end of the pair.
     plain_eof: bool,
+}
+
+/// Why `Bridge::pump` stopped the session.
+enum Stop {
     /// Writing to the client's socket found it hung up.
-    client_gone: bool,
+    ClientGone(String),
+    Failed(String),
+}
+
+impl From<String> for Stop {
+    fn from(why: String) -> Stop {
+        Stop::Failed(why)
+    }
 }
 
 impl Bridge {
@@ -220,8 +230,8 @@ impl Bridge {
                 Ok(false) => {}
                 // The client hung up without waiting for the close_notify
                 // that follows the server's end: nothing is lost.
-                Err(_) if self.plain_eof && self.client_gone => return Ok(()),
-                Err(e) => return Err(e),
+                Err(Stop::ClientGone(_)) if self.plain_eof => return Ok(()),
+                Err(Stop::ClientGone(why) | Stop::Failed(why)) => return Err(why),
             }
             if self.plain_eof && self.outbound.is_empty() && !self.conn.wants_write() {
                 return Ok(());
@@ -241,7 +251,7 @@ impl Bridge {
     }
 
     /// Moves what can move without blocking; true when something did.
-    fn pump(&mut self) -> Result<bool, String> {
+    fn pump(&mut self) -> Result<bool, Stop> {
         let mut moved = false;
         // The client's socket into `cipher`, in large reads.
         if !self.net_closed && self.cipher.is_empty() && self.conn.wants_read() {
@@ -257,7 +267,7 @@ impl Bridge {
                     moved = true;
                 }
                 Err(e) if retry(&e) => {}
-                Err(e) => return Err(format!("reading the client's socket: {e}")),
+                Err(e) => return Err(format!("reading the client's socket: {e}").into()),
             }
         }
         // `cipher` through the session into `inbound`, while it has room:
@@ -286,7 +296,7 @@ impl Bridge {
                     self.net_eof = true;
                     0
                 }
-                Err(e) => return Err(format!("TLS: {e}")),
+                Err(e) => return Err(format!("TLS: {e}").into()),
             };
             self.inbound.filled(got);
             if got == 0 && !fed && !self.net_eof {
@@ -349,11 +359,13 @@ impl Bridge {
                 Ok(_) => moved = true,
                 Err(e) if retry(&e) => break,
                 Err(e) => {
-                    self.client_gone = matches!(
-                        e.kind(),
-                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-                    );
-                    return Err(format!("writing the client's socket: {e}"));
+                    let why = format!("writing the client's socket: {e}");
+                    return Err(match e.kind() {
+                        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
+                            Stop::ClientGone(why)
+                        }
+                        _ => Stop::Failed(why),
+                    });
                 }
             }
         }
