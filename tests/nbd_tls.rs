@@ -3,7 +3,7 @@
 //! and qemu-img with a `tls-creds-x509` object, and a byte-for-byte client
 //! (`tests/nbd_tls/tls.py`, python's ssl module) for what the tools never
 //! send. The certificates are made for each test by `scripts/tls-certs`: a
-//! CA, a server certificate for "localhost" and 127.0.0.1 signed by it, a
+//! CA, a server certificate for "localhost", 127.0.0.1 and ::1 signed by it, a
 //! client certificate signed by it, and a client certificate from a second
 //! CA the server never saw.
 //!

@@ -746,11 +746,11 @@ fn the_bitmap_check_fails_each_early_bit_in_a_made_up_log() {
     let header = Header::parse(&initial).unwrap();
     let g = Geometry::new(&header).unwrap();
     let (data, bitmap) = (g.data_offset, g.bitmap_offset);
-    let write = |op, offset, data: Vec<u8>| Event::Write {
+    let write = |op, offset, bytes: Vec<u8>| Event::Write {
         op,
         role: Role::Main,
         offset,
-        data,
+        data: bytes,
     };
     let sync = |op| Event::Sync {
         op,
@@ -781,8 +781,28 @@ fn the_bitmap_check_fails_each_early_bit_in_a_made_up_log() {
     let again = [sector3(), done(1), sync(2), done(2), bit3(3), bit3(4)];
     assert_eq!(bitmap_follows_data(&again, &initial), Ok(1));
 
-    let early: [(&str, Vec<Event>); 6] = [
+    let early: [(&str, Vec<Event>); 8] = [
         ("no data at all", vec![bit3(3)]),
+        (
+            "only the sector before it written",
+            vec![
+                write(1, data + 2 * SECTOR as u64, vec![0xa5; SECTOR]),
+                done(1),
+                sync(2),
+                done(2),
+                bit3(3),
+            ],
+        ),
+        (
+            "only the sector after it written",
+            vec![
+                write(1, data + 4 * SECTOR as u64, vec![0xa5; SECTOR]),
+                done(1),
+                sync(2),
+                done(2),
+                bit3(3),
+            ],
+        ),
         (
             "data not yet done",
             vec![sector3(), sync(2), done(2), bit3(3)],
