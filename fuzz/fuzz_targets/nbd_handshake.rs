@@ -1,14 +1,20 @@
 //! The handshake must never panic or hang, whatever bytes a client sends.
-//! The input is the client's side of a
-//! connection (its flags, then options in any order, with any lengths), sent
-//! to `negotiate` over a socket pair; a thread reads the replies. The server
-//! has two exports (the default and "second") of one small read-only image,
-//! and no TLS, so STARTTLS gets ERR_POLICY.
+//! The input's first byte picks the server's TLS setting (its value modulo
+//! 3: none, so STARTTLS gets ERR_POLICY; offered; required, so every option
+//! but STARTTLS and ABORT gets ERR_TLS_REQD). The rest is the client's side
+//! of a connection (its flags, then options in any order, with any lengths,
+//! and after STARTTLS whatever TLS records it likes), sent to `negotiate`
+//! over a socket pair; a thread reads the replies. The server has two
+//! exports (the default and "second") of one small read-only image. A
+//! TLS session cannot complete (the server's keys are random), so what is
+//! fuzzed past STARTTLS is the ClientHello and the bridge's ends.
 #![no_main]
 
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
@@ -17,6 +23,7 @@ use ubd::device::{Device, DeviceOptions};
 use ubd::nbd::export::{Export, Exports};
 use ubd::nbd::handshake::negotiate;
 use ubd::nbd::stream::{Input, Stream};
+use ubd::nbd::tls::{Tls, TlsMode};
 
 fn exports() -> &'static Exports {
     static EXPORTS: OnceLock<Exports> = OnceLock::new();
@@ -44,7 +51,40 @@ fn exports() -> &'static Exports {
     })
 }
 
+/// The two TLS settings, with certificates that `scripts/tls-certs` makes
+/// once per process.
+fn tls() -> &'static [Tls; 2] {
+    static TLS: OnceLock<[Tls; 2]> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("ubd-fuzz-handshake-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/tls-certs");
+        let made = Command::new(&script)
+            .arg(&dir)
+            .output()
+            .expect("run scripts/tls-certs");
+        assert!(
+            made.status.success(),
+            "scripts/tls-certs failed: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        let load =
+            |mode| Tls::load(&dir.join("server"), mode, false).expect("load the certificates");
+        let tls = [load(TlsMode::On), load(TlsMode::Require)];
+        let _ = std::fs::remove_dir_all(&dir);
+        tls
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
+    let Some((&setting, data)) = data.split_first() else {
+        return;
+    };
+    let tls = match setting % 3 {
+        0 => None,
+        n => Some(&tls()[n as usize - 1]),
+    };
     let exports = exports();
     let (mut client, server) = UnixStream::pair().expect("socket pair");
     let mut replies = client.try_clone().expect("clone the client's socket");
@@ -68,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
         })
     };
     let mut input = Input::new(Stream::Unix(server));
-    let _ = negotiate(&mut input, exports, None, "fuzz");
+    let _ = negotiate(&mut input, exports, tls, "fuzz");
     input.close();
     writer.join().expect("the writer");
     reader.join().expect("the reader");
