@@ -1264,6 +1264,11 @@ fn a_second_server_on_the_same_overlay_fails_with_a_lock_message() {
         stderr.to_lowercase().contains("lock"),
         "the message does not mention the lock:\n{stderr}"
     );
+    assert!(
+        stderr.contains(&format!("process {} holds", server.pid())),
+        "the message does not name the first server ({}):\n{stderr}",
+        server.pid()
+    );
     assert!(!other.exists(), "the refused server left {other:?} behind");
     assert!(
         !other_pid.exists(),
