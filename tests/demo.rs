@@ -109,3 +109,84 @@ fn demo_serves_an_ext4_disk_with_its_files() {
     let want = if hole { 8 } else { 2048 };
     assert_eq!(info["sectors_present"], want, "hole: {hole}, {info}");
 }
+
+/// The banner's three commands, run as printed (by root, as CI runs; a user
+/// gets `sudo` before the two steps that need root): `nbdinfo`, `qemu-io`
+/// reading the file system's label, and `nbdfuse` + `mount` showing the
+/// demo's README. Mounts and the nbdfuse process are cleaned up by the
+/// script itself, and lazily again if it failed.
+#[test]
+fn the_demo_banner_commands_work_as_printed() {
+    use std::io::{BufRead, BufReader};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let mut child = ubd()
+        .arg("demo")
+        .arg("--dir")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ubd demo");
+    let mut banner = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("ubd demo ended before its banner was whole: {banner:#?}");
+        };
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+        banner.push(line);
+    }
+    let at = banner
+        .iter()
+        .position(|l| l.starts_with("Try, from another terminal"))
+        .unwrap_or_else(|| panic!("no commands in the banner: {banner:#?}"));
+    let commands: Vec<&str> = banner[at + 1..].iter().map(|l| l.trim_start()).collect();
+    assert_eq!(commands.len(), 4, "{commands:#?}");
+    let bash = |script: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run bash");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{script}\nexited {}:\n{text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let info = bash(commands[0]);
+    assert!(info.contains("export-size: 67108864"), "{info}");
+    let label = bash(commands[1]);
+    assert!(label.contains("ubd.demo"), "{label}");
+    let (mnt, root) = (dir.join("mnt"), dir.join("root"));
+    // nbdfuse runs in the background of the printed lines: the script ends
+    // it by unmounting its directory, and waits for it.
+    let script = format!(
+        "{}\n{}\nstatus=$?\numount {root}\nfusermount3 -u {mnt} || umount {mnt}\nwait\nexit $status",
+        commands[2],
+        commands[3],
+        root = root.display(),
+        mnt = mnt.display()
+    );
+    let result = std::panic::catch_unwind(|| bash(&script));
+    let _ = Command::new("umount").arg("-l").arg(&root).status();
+    let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    let readme = result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert!(
+        readme.contains("This file system is the backing image of a ubd demo."),
+        "{readme}"
+    );
+    signal(child.id(), "INT");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit {status}");
+}

@@ -1724,6 +1724,8 @@ fn socket_activation_serves_the_inherited_socket() {
         status.success(),
         "the activated server exited with {status}:\n{err}"
     );
+    // No --socket, --bind or --port was given: nothing to warn about.
+    assert!(!err.contains("are ignored"), "{err}");
 
     let got = merged(&f.overlay, &f.path("merged.raw"));
     let mut want = f.base_data.clone();

@@ -63,17 +63,26 @@ pub fn run(args: Args) -> Outcome {
         banner,
         "  qemu-io -f raw '{uri}' -c 'read -v 1144 16'    # the file system's label"
     );
+    // Mounting takes root, and a FUSE file serves only the user who made
+    // it: both steps run as root.
+    let sudo = if nix::unistd::geteuid().is_root() {
+        ""
+    } else {
+        "sudo "
+    };
     let _ = writeln!(
         banner,
-        "  mkdir -p {m} && nbdfuse {m}/disk '{uri}' &\n  \
-         sleep 1 && mkdir -p /mnt/ubd && sudo mount -o loop {m}/disk /mnt/ubd && cat /mnt/ubd/README.txt",
-        m = mnt.display()
+        "  mkdir -p {m} {r} && {sudo}nbdfuse {m}/disk '{uri}' &\n  \
+         sleep 1 && {sudo}mount -o loop {m}/disk {r} && cat {r}/README.txt",
+        m = mnt.display(),
+        r = dir.join("root").display()
     );
     let _ = write!(banner, "Press Ctrl-C to stop.");
     serve(Plan {
         exports: vec![(String::new(), cow)],
         socket: Some(socket),
         tcp: None,
+        listen_asked: false,
         device: DeviceOptions::default(),
         pid_file: None,
         max_connections: 64,

@@ -133,6 +133,9 @@ pub struct Plan {
     pub exports: Vec<(String, PathBuf)>,
     pub socket: Option<PathBuf>,
     pub tcp: Option<(String, u16)>,
+    /// `--socket`, `--bind` or `--port` was given (not just the default
+    /// socket): socket activation ignores them, and says so.
+    pub listen_asked: bool,
     pub device: DeviceOptions,
     pub pid_file: Option<PathBuf>,
     pub max_connections: usize,
@@ -204,10 +207,12 @@ pub fn run(args: Args) -> Outcome {
         (None, Some(_)) => None,
         (None, None) => Some(default_socket(&exports[0].1)),
     };
+    let listen_asked = args.socket.is_some() || tcp.is_some();
     serve(Plan {
         exports,
         socket,
         tcp,
+        listen_asked,
         device: DeviceOptions {
             read_only: args.read_only,
             backing: args.backing,
@@ -328,7 +333,7 @@ pub fn serve(plan: Plan) -> Outcome {
     let exports = Exports::new(exports);
     let listeners = match Listener::from_activation()? {
         Some(l) => {
-            if plan.socket.is_some() || plan.tcp.is_some() {
+            if plan.listen_asked {
                 tracing::warn!("socket-activated: --socket, --bind and --port are ignored");
             }
             l
