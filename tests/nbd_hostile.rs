@@ -284,8 +284,17 @@ fn clients_stalled_mid_handshake_header_or_payload_hold_up_no_one() {
 }
 
 #[test]
-fn a_client_that_never_reads_its_replies_holds_up_no_one() {
-    hostile_case("unread_replies", &[], WHOLE);
+fn clients_that_never_read_their_replies_hold_up_no_one() {
+    let out = hostile_case("unread_replies", &[], WHOLE);
+    assert!(
+        out.contains("ok: a fresh connection works after 3 clients"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_is_not_read_without_bound() {
+    hostile_case("unanswered_requests", &[], WHOLE);
 }
 
 #[test]
@@ -462,6 +471,78 @@ fn sigterm_with_stalled_clients_exits_0_and_keeps_acknowledged_writes() {
             && data[written.end..] == fx.base_data[written.end..],
         "outside the acknowledged WRITE the export differs from the backing image after SIGTERM and restart"
     );
+    assert_eq!(
+        fingerprint(&fx.base),
+        fx.base_before,
+        "the backing image changed (content or mtime)"
+    );
+}
+
+#[test]
+fn sigterm_under_writes_answers_every_request_read_and_keeps_each_write_answered_ok() {
+    let fx = Fixture::new();
+    let server = fx.serve(&[]);
+    let mut child = Command::new(python())
+        .arg(script())
+        .arg("sigterm_busy")
+        .arg(server.socket())
+        .arg(&fx.base)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hostile.py");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut seen = String::new();
+    let mut wait_for = |what: &str, seen: &mut String| loop {
+        let mut line = String::new();
+        let n = stdout
+            .read_line(&mut line)
+            .expect("read hostile.py's output");
+        seen.push_str(&line);
+        if n == 0 {
+            let mut err = String::new();
+            let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
+            panic!("hostile.py sigterm_busy ended before {what}:\n{seen}\n{err}");
+        }
+        if line.trim() == what || line.starts_with(what) {
+            return;
+        }
+    };
+    wait_for("READY", &mut seen);
+    // SIGTERM while the client writes; the server drains and exits 0.
+    let (status, stderr) = server.stop();
+    assert!(
+        status.success(),
+        "ubd serve exited with {status} on SIGTERM under writes\nstderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("cutting them"),
+        "the client had to be cut:\n{stderr}"
+    );
+    wait_for("ok: ", &mut seen);
+    run(ubd().arg("check").arg(&fx.cow));
+    let server = fx.serve(&[]);
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(b"GO\n").expect("tell hostile.py to go on");
+    drop(stdin);
+    let mut rest = String::new();
+    stdout
+        .read_to_string(&mut rest)
+        .expect("read hostile.py's output");
+    let out = child.wait_with_output().expect("wait for hostile.py");
+    let (status, stderr) = server.stop();
+    assert!(
+        out.status.success() && rest.contains("PASS sigterm_busy"),
+        "hostile.py sigterm_busy failed ({}):\n{seen}{rest}\n{}\nserver:\n{stderr}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        status.success(),
+        "ubd serve exited with {status}:\n{stderr}"
+    );
+    println!("{seen}{rest}");
     assert_eq!(
         fingerprint(&fx.base),
         fx.base_before,

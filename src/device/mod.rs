@@ -223,6 +223,7 @@ pub struct Device {
     intake: Arc<Intake>,
     waker: Waker,
     closing: Arc<AtomicBool>,
+    stop_conns: Arc<AtomicBool>,
     worker: Mutex<Option<JoinHandle<Result<(), Errno>>>>,
     path: PathBuf,
     backing: Option<PathBuf>,
@@ -268,6 +269,7 @@ impl Device {
         let backing = img.overlay.as_ref().map(|o| o.backing.path.clone());
         let intake = Arc::new(Intake::default());
         let closing = Arc::new(AtomicBool::new(false));
+        let stop_conns = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(Sequencer::new());
         let (tx, rx) = std::sync::mpsc::channel();
         let spawn = {
@@ -276,6 +278,7 @@ impl Device {
                 seq: seq.clone(),
                 intake: intake.clone(),
                 closing: closing.clone(),
+                stop_conns: stop_conns.clone(),
                 depth: opts.queue_depth,
                 max_requests: opts.max_requests.max(1),
                 max_conns: opts.max_connections,
@@ -324,6 +327,7 @@ impl Device {
             intake,
             waker,
             closing,
+            stop_conns,
             worker: Mutex::new(Some(handle)),
             path: path.to_path_buf(),
             backing,
@@ -408,6 +412,15 @@ impl Device {
             self.waker.wake();
         }
         done
+    }
+
+    /// Winds the served connections down (a server shutting down): each
+    /// answers the requests it reads from now on with ESHUTDOWN, finishes
+    /// the ones it started, and closes once nothing is owed and no request
+    /// is partly received. Connections served later start wound down.
+    pub fn stop_connections(&self) {
+        self.stop_conns.store(true, Ordering::SeqCst);
+        self.waker.wake();
     }
 
     /// Hands `req` to the device; `sink` hears its end. Requests enter in

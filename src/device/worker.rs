@@ -249,6 +249,12 @@ pub struct Worker {
     /// Connections waiting for memory, in order.
     pub(super) line: MemLine,
     pub(super) closing: Arc<AtomicBool>,
+    /// Set by [`super::Device::stop_connections`].
+    pub(super) stop_conns: Arc<AtomicBool>,
+    /// The connections heard `stop_conns` (those adopted since too).
+    pub(super) conns_stopped: bool,
+    /// When `cut_stalled_senders` last looked.
+    pub(super) stall_checked: Option<std::time::Instant>,
     pub(super) reqs: Vec<Option<Req>>,
     pub(super) free: Vec<u32>,
     /// Sinks that heard `complete_batched` since the worker last slept.
@@ -286,6 +292,7 @@ pub(super) struct Setup {
     pub(super) seq: Arc<Sequencer>,
     pub(super) intake: Arc<Intake>,
     pub(super) closing: Arc<AtomicBool>,
+    pub(super) stop_conns: Arc<AtomicBool>,
     pub(super) depth: u32,
     pub(super) max_requests: usize,
     pub(super) max_conns: usize,
@@ -303,6 +310,7 @@ impl Worker {
             seq,
             intake,
             closing,
+            stop_conns,
             depth,
             max_requests,
             max_conns,
@@ -421,6 +429,9 @@ impl Worker {
             ready_work: Vec::with_capacity(max_conns),
             line: MemLine::default(),
             closing,
+            stop_conns,
+            conns_stopped: false,
+            stall_checked: None,
             reqs: (0..max_requests).map(|_| None).collect(),
             free: (0..mr).rev().collect(),
             batched: Vec::with_capacity(mr as usize),
@@ -516,6 +527,11 @@ impl Worker {
                     std::time::Duration::ZERO
                 };
             self.ring.set_spin(spin);
+            // Memory is short: wake now and then to find clients that hold
+            // it and read nothing.
+            let short = self.line.head().is_some();
+            self.ring
+                .set_wait_limit(short.then_some(super::conn::STALL_CHECK));
             let woken = self.ring.run(wait, &mut |c| done.push(c));
             if let Err(e) = woken {
                 // The ring itself failed: nothing can make progress. Fail
@@ -536,6 +552,9 @@ impl Worker {
                 // A failure here shows again at the next `run`, which
                 // handles it.
                 let _ = self.ring.submit_queued();
+            }
+            if short {
+                self.cut_stalled_senders();
             }
         }
         self.pool.set_on_free(None);

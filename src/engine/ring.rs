@@ -196,6 +196,8 @@ pub struct Ring<B: BufSet> {
     wake_armed: bool,
     /// How long `run` polls for completions before it sleeps.
     spin: Duration,
+    /// The longest `run` sleeps (none: until something completes).
+    wait_limit: Option<Duration>,
     roles: Vec<Role>,
     recorder: Option<Arc<Recorder>>,
     faults: Option<Arc<Faults>>,
@@ -306,6 +308,7 @@ impl<B: BufSet> Ring<B> {
             wake_buf: Box::new(0),
             wake_armed: false,
             spin: Duration::ZERO,
+            wait_limit: None,
             roles: Vec::new(),
             recorder: None,
             faults: None,
@@ -707,7 +710,20 @@ impl<B: BufSet> Ring<B> {
     /// retries. Queued SQEs stay owned either way.
     fn enter(&mut self, want: usize) -> io::Result<()> {
         loop {
-            match self.ring.submit_and_wait(want) {
+            let entered = match self.wait_limit {
+                // Kernels before 5.11 have no timed wait: they wait on.
+                Some(limit) if want > 0 && self.ring.params().is_feature_ext_arg() => {
+                    let ts = types::Timespec::from(limit);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    match self.ring.submitter().submit_with_args(want, &args) {
+                        // The limit passed with nothing complete.
+                        Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
+                        r => r,
+                    }
+                }
+                _ => self.ring.submit_and_wait(want),
+            };
+            match entered {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e),
@@ -794,6 +810,22 @@ impl<B: BufSet> Ring<B> {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => Ok(()),
             r => r,
         }
+    }
+
+    /// Sets the longest a waiting [`Ring::run`] sleeps with nothing
+    /// completing (`None`: no limit).
+    pub fn set_wait_limit(&mut self, limit: Option<Duration>) {
+        self.wait_limit = limit;
+    }
+
+    /// Bytes the op tagged `tag` has moved so far, if it is in flight (a
+    /// send or receive goes on in several submissions).
+    pub fn progress_of(&self, tag: u64) -> Option<u64> {
+        self.slots
+            .iter()
+            .flatten()
+            .find(|s| s.op.tag == tag)
+            .map(|s| s.done)
     }
 
     /// Sets how long [`Ring::run`] polls for a completion before it sleeps

@@ -33,7 +33,10 @@ use super::transmission::{self, End};
 
 /// How long a client may take over the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
-/// At shutdown, how long connections get to answer what they started before
+/// At shutdown, how long a client told of it (ESHUTDOWN) gets to send DISC
+/// before nothing more is read from it.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+/// Then, how long connections get to answer what they started before
 /// their sockets are cut entirely.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
@@ -229,17 +232,33 @@ impl Listener {
     }
 }
 
-/// The live connections, so shutdown can reach their sockets.
+/// The live connections, so shutdown can reach their sockets; each with
+/// whether it is past its handshake.
 #[derive(Default)]
 struct Registry {
-    streams: Mutex<HashMap<u64, Stream>>,
+    streams: Mutex<HashMap<u64, (Stream, bool)>>,
 }
 
 impl Registry {
     fn shutdown_all(&self, how: Shutdown) {
         let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        for s in streams.values() {
+        for (s, _) in streams.values() {
             let _ = s.shutdown(how);
+        }
+    }
+
+    /// Ends the connections still in their handshake.
+    fn shutdown_handshakes(&self) {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        for (s, _) in streams.values().filter(|(_, serving)| !serving) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn serving(&self, id: u64) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = streams.get_mut(&id) {
+            entry.1 = true;
         }
     }
 
@@ -334,11 +353,28 @@ pub fn run(
     for l in listeners {
         l.remove();
     }
-    // No new requests; what was started gets answered.
-    registry.shutdown_all(Shutdown::Read);
-    let deadline = Instant::now() + DRAIN_GRACE;
-    while registry.len() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    // Each connection answers what it read, refuses what comes next with
+    // ESHUTDOWN, and closes once nothing is owed; handshakes end at once.
+    for export in exports.iter() {
+        export.device.stop_connections();
+    }
+    registry.shutdown_handshakes();
+    let wait = |grace: Duration| {
+        let deadline = Instant::now() + grace;
+        while registry.len() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait(STOP_GRACE);
+    if registry.len() > 0 {
+        // Clients that were told and did not leave: nothing more is read
+        // from them, and what they sent before is answered.
+        tracing::info!(
+            "{} connections still open after {STOP_GRACE:?}; reading no more from them",
+            registry.len()
+        );
+        registry.shutdown_all(Shutdown::Read);
+        wait(DRAIN_GRACE);
     }
     if registry.len() > 0 {
         tracing::warn!(
@@ -370,7 +406,7 @@ fn spawn_connection(
         .streams
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, handle);
+        .insert(id, (handle, false));
     let spawned = std::thread::Builder::new()
         .name(format!("ubd-nbd-{id}"))
         .stack_size(CONN_STACK)
@@ -378,8 +414,8 @@ fn spawn_connection(
             let registry = registry.clone();
             move || {
                 // Leaves the registry however the connection ends (a panic too).
-                let _entry = Entry { registry, id };
-                connection(id, stream, &exports, tls.as_deref());
+                let entry = Entry { registry, id };
+                connection(&entry, stream, &exports, tls.as_deref());
             }
         });
     if spawned.is_err() {
@@ -392,7 +428,8 @@ fn spawn_connection(
     spawned
 }
 
-fn connection(id: u64, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
+fn connection(entry: &Entry, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
+    let id = entry.id;
     let peer = stream.peer();
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let mut input = Input::new(stream);
@@ -411,6 +448,7 @@ fn connection(id: u64, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
         }
     };
     let _ = input.stream().set_read_timeout(None);
+    entry.registry.serving(id);
     tracing::info!(
         id,
         %peer,
@@ -422,6 +460,7 @@ fn connection(id: u64, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
     let (socket, buffered, bridge) = input.into_parts();
     match transmission::serve(socket, buffered, &session) {
         End::Disconnect | End::Closed => tracing::info!(id, %peer, "connection closed"),
+        End::Stopped => tracing::info!(id, %peer, "connection closed: the server is shutting down"),
         End::Broken(why) => tracing::warn!(id, %peer, "connection closed: {why}"),
     }
     // The worker has closed its end; the bridge still sends what it left

@@ -32,6 +32,9 @@ use super::replies::{Pending, Replies, piece_bounds, token};
 /// Replies one connection may owe at once; its input waits beyond this.
 /// (448 fills a table of 512 buckets, reserved when the connection starts.)
 const MAX_IN_FLIGHT: usize = 448;
+/// Reply bytes waiting for the socket beyond which a connection's requests
+/// other than READ are not read.
+const MAX_UNSENT: usize = 4 << 20;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -40,6 +43,9 @@ pub enum End {
     Disconnect,
     /// The client closed the connection between requests.
     Closed,
+    /// The server shut down: it answered every request it read, then
+    /// closed the connection.
+    Stopped,
     /// The connection cannot go on (framing lost, socket error).
     Broken(String),
 }
@@ -71,6 +77,7 @@ pub fn serve(socket: OwnedFd, buffered: Vec<u8>, session: &Session) -> End {
     match done.wait() {
         ConnEnd::Done => End::Disconnect,
         ConnEnd::Closed => End::Closed,
+        ConnEnd::Stopped => End::Stopped,
         ConnEnd::Broken(why) => End::Broken(why),
     }
 }
@@ -103,6 +110,15 @@ struct NbdConn {
     /// Replies owed, and the READ bytes among them.
     owed: usize,
     read_owed: u64,
+    /// The server is shutting down: new requests get ESHUTDOWN.
+    stopping: bool,
+    /// A refusal (cookie, command, error, message) sent once the request's
+    /// payload has been skipped.
+    refused: Option<(u64, u16, u32, &'static str)>,
+    /// A request was refused with ESHUTDOWN: the client knows, and is to
+    /// send DISC (the connection stays until it does, or the server cuts
+    /// it).
+    told_of_stop: bool,
 }
 
 impl NbdConn {
@@ -133,6 +149,9 @@ impl NbdConn {
             replies: Replies::new(style, MAX_IN_FLIGHT)?,
             owed: 0,
             read_owed: 0,
+            stopping: false,
+            told_of_stop: false,
+            refused: None,
         })
     }
 
@@ -177,6 +196,13 @@ impl NbdConn {
         }
     }
 
+    /// Answers a request with `error` once its payload (if any) has been
+    /// read past: a client may not take a reply for a request it is still
+    /// sending (libnbd finds no such cookie in flight).
+    fn refuse_after_payload(&mut self, req: &codec::Request, error: u32, message: &'static str) {
+        self.refused = Some((req.cookie, req.command, error, message));
+    }
+
     /// Answers a request at once, with no device request behind it.
     fn now(&self, out: &mut SendBuf, req: &codec::Request, error: u32, message: &str) {
         self.replies
@@ -219,10 +245,25 @@ impl NbdConn {
                 )),
             };
         }
+        if command != cmd::READ && cx.unsent() > MAX_UNSENT {
+            // A client that sends requests and does not read the replies
+            // gets no more read from it: its replies are not kept without
+            // bound. (READs have their own limit, below.)
+            return Step::Wait;
+        }
+        if self.stopping && command != cmd::DISC {
+            tracing::debug!(cookie, command, offset, len, "refused: shutting down");
+            self.refuse_after_payload(&req, errno::ESHUTDOWN, "the server is shutting down");
+            self.told_of_stop = true;
+            return Step::Skip {
+                consumed: hlen,
+                skip: payload,
+            };
+        }
         // Refuse before reading the payload, then skip it: framing holds.
         if let Some((error, message)) = self.refusal(&req, payload) {
             tracing::debug!(cookie, command, offset, len, error, message, "refused");
-            self.now(cx.out(), &req, error, message);
+            self.refuse_after_payload(&req, error, message);
             return Step::Skip {
                 consumed: hlen,
                 skip: payload,
@@ -248,11 +289,15 @@ impl NbdConn {
             self.now(cx.out(), &req, 0, "");
             return Step::Consumed(hlen);
         }
+        let unsent = cx.unsent() as u64;
         if command == cmd::READ
-            && self.read_owed > 0
-            && self.read_owed + cx.unsent() as u64 + len > self.read_budget
+            && (self.read_owed > 0 || unsent > 0)
+            && self.read_owed + unsent + len > self.read_budget
         {
-            // Leave the header until replies have gone out.
+            // Leave the header until replies have gone out. Data read and
+            // not yet taken by the socket counts: a client that does not
+            // read its replies holds no more than the budget. (With nothing
+            // owed or unsent, one READ goes ahead whatever its size.)
             return Step::Wait;
         }
         let data = matches!(command_kind, Command::Read | Command::Write);
@@ -361,6 +406,20 @@ impl Protocol for NbdConn {
         }
         done.broken
             .then(|| "a READ failed after its reply began".to_string())
+    }
+
+    fn skipped(&mut self, out: &mut SendBuf) {
+        if let Some((cookie, command, error, message)) = self.refused.take() {
+            self.replies.status(out, cookie, command, 0, error, message);
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    fn drained(&self) -> bool {
+        self.owed == 0 && self.current.is_none() && !self.told_of_stop
     }
 
     fn input_ended(&mut self, out: &mut SendBuf) {

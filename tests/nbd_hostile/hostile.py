@@ -20,6 +20,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -813,34 +814,78 @@ def case_stalled_clients(ctx):
 
 
 def case_unread_replies(ctx):
-    # A client that sends many large READs and never reads the replies: the
-    # server's writes to it block. That must not hold up other connections
-    # (nbd.md: one client's bad input never affects another connection).
-    hog = R.connect_go(ctx.sock)
-    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # Clients that send many large READs and never read the replies: the
+    # server's writes to them block. That must not hold up other connections
+    # (nbd.md: one client's bad input never affects another connection). One
+    # such client keeps within its share of the pool; when three together
+    # hold all of it, the server cuts those that took no reply for 10 s, and
+    # the well-behaved client waiting for memory gets it.
+    hogs = []
+    for _ in range(3):
+        hog = R.connect_go(ctx.sock)
+        hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hogs.append(hog)
 
-    def flood():
+    def flood(hog):
         try:
             for i in range(256):
                 hog.send_req(R.CMD_READ, (i * MiB) % (ctx.size - MiB), MiB, track=False)
         except OSError:
             pass
 
-    flooder = threading.Thread(target=flood, daemon=True)
-    flooder.start()
+    flooders = [threading.Thread(target=flood, args=(h,), daemon=True) for h in hogs]
+    for f in flooders:
+        f.start()
     try:
         for i in range(2):
-            still_serves(ctx, "a client that leaves 256 x 1 MiB READ replies unread (round %d)" % i)
+            still_serves(
+                ctx, "3 clients that leave 256 x 1 MiB READ replies unread (round %d)" % i
+            )
     except (socket.timeout, TimeoutError):
         fail(
-            "while another client had up to 256 x 1 MiB READ replies unread, a well-behaved "
-            "client's request got no reply (starved until that client goes away)"
+            "while 3 clients had up to 256 x 1 MiB READ replies unread each, a well-behaved "
+            "client's request got no reply (starved until they go away)"
         )
-    # shutdown() wakes the flooder's blocked send; close() alone would not.
-    hog.sock.shutdown(socket.SHUT_RDWR)
-    flooder.join()
-    hog.close()
-    still_serves(ctx, "the client with unread replies went away")
+    # shutdown() wakes a flooder's blocked send; close() alone would not.
+    for hog in hogs:
+        hog.sock.shutdown(socket.SHUT_RDWR)
+    for f in flooders:
+        f.join()
+    for hog in hogs:
+        hog.close()
+    still_serves(ctx, "the clients with unread replies went away")
+
+
+def case_unanswered_requests(ctx):
+    # A client that sends requests whose replies need no device request
+    # (unknown commands: EINVAL) and never reads them: the server stops
+    # reading it rather than keep its replies without bound, and serves
+    # others meanwhile. Sent without blocking until the server has read
+    # nothing for 2 s, or 2 GiB went in.
+    c = R.connect_go(ctx.sock, structured=True)
+    blob = c.request_bytes(99, 0, 0, 0, 7) * 32768
+    limit = 2 << 30
+    c.sock.setblocking(False)
+    sent, rest, idle_since = 0, memoryview(blob), None
+    while sent < limit:
+        try:
+            n = c.sock.send(rest)
+        except BlockingIOError:
+            now = time.monotonic()
+            if idle_since is None:
+                idle_since = now
+            elif now - idle_since > 2:
+                break
+            time.sleep(0.01)
+            continue
+        sent += n
+        idle_since = None
+        rest = rest[n:] if n < len(rest) else memoryview(blob)
+    if sent >= limit:
+        fail("the server read 2 GiB of requests from a client that reads none of its replies")
+    log("ok: the server stopped reading a client that reads no replies, after %d MiB" % (sent >> 20))
+    still_serves(ctx, "a client with %d MiB of requests whose replies it does not read" % (sent >> 20))
+    c.close()
 
 
 def case_pipelined_handshake(ctx):
@@ -916,6 +961,76 @@ def case_sigterm_stalled(ctx):
         c.read_to_eof()
         c.close()
     log("ok: every connection was closed by the stopping server")
+
+
+def case_sigterm_busy(ctx):
+    # A client writing 4 KiB blocks, 16 in flight, when the server is told
+    # to stop (the test sends SIGTERM after READY). Every request the server
+    # read is answered, OK or ESHUTDOWN; on the first ESHUTDOWN the client
+    # sends no more and, once the rest are answered, sends DISC (as the NBD
+    # spec says it must). The server may also close between requests, when
+    # nothing is owed. Then the test restarts the server and says GO: every
+    # block answered OK holds its data, and no other block changed.
+    c = R.connect_go(ctx.sock, structured=True)
+    n, region = 4096, 2 * MiB
+    inflight, last_ok = {}, {}
+    i = ok = refused = 0
+    ready = stopping = closed = False
+    while True:
+        try:
+            while not stopping and len(inflight) < 16:
+                cookie = c.send_req(R.CMD_WRITE, region + (i % n) * 4096, 4096, payload=pattern(i, 4096))
+                inflight[cookie] = i
+                i += 1
+        except TimeoutError:
+            fail("the server stopped reading without closing the connection")
+        except (OSError, R.Closed):
+            # The server read no more: a request cut short here was not read
+            # whole, so not applied. Its replies may still be there to read.
+            stopping = True
+        if not inflight:
+            break
+        try:
+            r = c.wait_any()
+        except TimeoutError:
+            fail("the server neither answered nor closed the connection after SIGTERM")
+        except (OSError, R.Closed) as e:
+            # Closed between requests: what was not answered was not read.
+            if not ready:
+                fail("the connection ended before SIGTERM: %r" % e)
+            closed = True
+            break
+        j = inflight.pop(r.cookie)
+        if r.error == 0:
+            ok += 1
+            last_ok[j % n] = j
+        elif r.error == R.ESHUTDOWN:
+            refused += 1
+            stopping = True
+        else:
+            fail("WRITE %d answered %s while the server stopped" % (j, R.errno_name(r.error)))
+        if not ready and ok >= 100:
+            log("READY")
+            ready = True
+    if not closed:
+        c.disc()
+        c.read_to_eof()
+    c.close()
+    if closed:
+        log("ok: the server closed the connection when nothing was owed (%d writes OK)" % ok)
+    else:
+        log("ok: %d writes OK, then %d refused with ESHUTDOWN, all answered before DISC" % (ok, refused))
+    if sys.stdin.readline().strip() != "GO":
+        fail("no GO from the test")
+    c = R.connect_go(ctx.sock)
+    got = b"".join(c.read(region + k * MiB, MiB) for k in range(n * 4096 // MiB))
+    for b in range(n):
+        want = pattern(last_ok[b], 4096) if b in last_ok else ctx.base[region + b * 4096 : region + (b + 1) * 4096]
+        if got[b * 4096 : (b + 1) * 4096] != want:
+            fail("block %d after the restart: not what the last write answered OK left there" % b)
+    c.disc()
+    c.close()
+    log("ok: after the restart every write answered OK is there, and nothing else changed")
 
 
 def case_deep_pipeline(ctx):
