@@ -524,7 +524,8 @@ fn sigterm_under_writes_answers_every_request_read_and_keeps_each_write_answered
     run(ubd().arg("check").arg(&fx.cow));
     let server = fx.serve(&[]);
     let mut stdin = child.stdin.take().expect("piped stdin");
-    stdin.write_all(b"GO\n").expect("tell hostile.py to go on");
+    // A script that failed is gone: its output below says why.
+    let _ = stdin.write_all(b"GO\n");
     drop(stdin);
     let mut rest = String::new();
     stdout

@@ -350,13 +350,15 @@ pub fn run(
             }
         }
     };
-    for l in listeners {
-        l.remove();
-    }
     // Each connection answers what it read, refuses what comes next with
     // ESHUTDOWN, and closes once nothing is owed; handshakes end at once.
+    // (Before the socket files go: a client that sees them gone is then
+    // refused.)
     for export in exports.iter() {
         export.device.stop_connections();
+    }
+    for l in listeners {
+        l.remove();
     }
     registry.shutdown_handshakes();
     let wait = |grace: Duration| {

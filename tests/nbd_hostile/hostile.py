@@ -969,8 +969,14 @@ def case_sigterm_busy(ctx):
     # read is answered, OK or ESHUTDOWN; on the first ESHUTDOWN the client
     # sends no more and, once the rest are answered, sends DISC (as the NBD
     # spec says it must). The server may also close between requests, when
-    # nothing is owed. Then the test restarts the server and says GO: every
-    # block answered OK holds its data, and no other block changed.
+    # nothing is owed. A second client sat in the middle of a request
+    # header: once the socket file is gone it sends the rest, and that
+    # request must get ESHUTDOWN. Then the test restarts the server and
+    # says GO: every block answered OK holds its data, and no other block
+    # changed.
+    late = R.connect_go(ctx.sock, structured=True)
+    late_req = late.request_bytes(R.CMD_READ, 0, 4096, 0, 99)
+    late.send(late_req[:10])
     c = R.connect_go(ctx.sock, structured=True)
     n, region = 4096, 2 * MiB
     inflight, last_ok = {}, {}
@@ -1013,13 +1019,30 @@ def case_sigterm_busy(ctx):
             log("READY")
             ready = True
     if not closed:
-        c.disc()
-        c.read_to_eof()
+        try:
+            c.disc()
+            c.read_to_eof()
+        except (OSError, R.Closed):
+            closed = True
     c.close()
     if closed:
         log("ok: the server closed the connection when nothing was owed (%d writes OK)" % ok)
     else:
         log("ok: %d writes OK, then %d refused with ESHUTDOWN, all answered before DISC" % (ok, refused))
+    deadline = time.monotonic() + 60
+    while os.path.exists(ctx.sock):
+        if time.monotonic() > deadline:
+            fail("the socket file is still there a minute after SIGTERM")
+        time.sleep(0.01)
+    late.pending[99] = (R.CMD_READ, 4096, 0)
+    late.send(late_req[10:])
+    r = late.wait(99)
+    if r.error != R.ESHUTDOWN:
+        fail("a request completed after the socket file went: %r, expected ESHUTDOWN" % r)
+    late.disc()
+    late.read_to_eof()
+    late.close()
+    log("ok: a request completed after the stop got ESHUTDOWN, and DISC closed that connection")
     if sys.stdin.readline().strip() != "GO":
         fail("no GO from the test")
     c = R.connect_go(ctx.sock)
