@@ -64,16 +64,17 @@ pub fn run(args: Args) -> Outcome {
         "  qemu-io -f raw '{uri}' -c 'read -v 1144 16'    # the file system's label"
     );
     // Mounting takes root, and a FUSE file serves only the user who made
-    // it: both steps run as root.
-    let sudo = if nix::unistd::geteuid().is_root() {
-        ""
+    // it: both steps run as root (`sudo -b` asks for a password before it
+    // puts nbdfuse in the background).
+    let (fuse, bg, mount) = if nix::unistd::geteuid().is_root() {
+        ("nbdfuse", " &", "mount")
     } else {
-        "sudo "
+        ("sudo -b nbdfuse", "", "sudo mount")
     };
     let _ = writeln!(
         banner,
-        "  mkdir -p {m} {r} && {sudo}nbdfuse {m}/disk '{uri}' &\n  \
-         sleep 1 && {sudo}mount -o loop {m}/disk {r} && cat {r}/README.txt",
+        "  mkdir -p {m} {r} && {fuse} {m}/disk '{uri}'{bg}\n  \
+         sleep 1 && {mount} -o loop {m}/disk {r} && cat {r}/README.txt",
         m = mnt.display(),
         r = dir.join("root").display()
     );

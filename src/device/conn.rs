@@ -44,9 +44,10 @@ use crate::engine::sendbuf::SendBuf;
 /// fio, though 25% slower through a TLS bridge.)
 const STREAMING: usize = 64 * 1024;
 
-/// While a connection waits for memory, a connection whose client has taken
+/// While a connection waits for memory, a connection whose client has read
 /// none of its replies for this long is cut: what it holds goes to the
-/// others. (A client that reads its replies, however slowly, is never cut.)
+/// others. (A client that reads something of them in every such span is
+/// never cut.)
 pub(super) const SEND_STALL: Duration = Duration::from_secs(10);
 /// How often the worker looks for such clients while memory is short.
 pub(super) const STALL_CHECK: Duration = Duration::from_secs(1);
@@ -275,9 +276,10 @@ pub(super) struct Conn {
     sending: Option<(usize, usize, usize)>,
     /// Send ops pushed so far.
     sends: u64,
-    /// Where the send stood (ops pushed, bytes of the last one moved) when
-    /// first seen there by [`Worker::cut_stalled_senders`], and when.
-    stall: Option<((u64, u64), Instant)>,
+    /// Where the send stood (ops pushed, bytes of the last one moved, bytes
+    /// the client has not read) when first seen there by
+    /// [`Worker::cut_stalled_senders`], and when.
+    stall: Option<((u64, u64, usize), Instant)>,
     requests: u32,
     /// Still reading requests.
     open: bool,
@@ -364,6 +366,11 @@ impl Worker {
         }
     }
 
+    /// `stop_conns` is set and the connections have not heard it yet.
+    pub(super) fn stop_pending(&self) -> bool {
+        !self.conns_stopped && self.stop_conns.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Whether any connection is live.
     pub(super) fn has_conns(&self) -> bool {
         self.conns.iter().any(Option::is_some)
@@ -388,7 +395,7 @@ impl Worker {
         if let Some(head) = self.line.head() {
             self.mark_ready(head);
         }
-        if !self.conns_stopped && self.stop_conns.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.stop_pending() {
             self.conns_stopped = true;
             for c in 0..self.conns.len() as u32 {
                 if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
@@ -690,7 +697,17 @@ impl Worker {
                         };
                         self.stop_reading(c, end);
                     }
-                    Ok(n) => conn.in_end = (conn.in_end + n as usize).min(INPUT),
+                    Ok(n) => {
+                        conn.in_end = (conn.in_end + n as usize).min(INPUT);
+                        if !conn.open && conn.end == Some(ConnEnd::Stopped) {
+                            // It raced the close: the connection ends
+                            // without reading it.
+                            conn.end = Some(ConnEnd::Broken(format!(
+                                "the client sent {n} more bytes as the connection closed at \
+                                 shutdown; they were not read"
+                            )));
+                        }
+                    }
                     Err(e) => self.break_conn(c, format!("receiving: {}", Errno::from_raw(e))),
                 }
             }
@@ -780,9 +797,10 @@ impl Worker {
     }
 
     /// While some connection waits in the memory line: cuts each connection
-    /// whose send has not moved for [`SEND_STALL`] (its client reads no
-    /// replies, and the memory they hold is what the line waits for). Looks
-    /// at most four times per [`STALL_CHECK`].
+    /// whose client has read nothing of its replies for [`SEND_STALL`]: a
+    /// send is on the wire, the socket holds bytes the client has not read,
+    /// and neither changed (the memory they hold is what the line waits
+    /// for). Looks at most four times per [`STALL_CHECK`].
     pub(super) fn cut_stalled_senders(&mut self) {
         let now = Instant::now();
         if self
@@ -803,7 +821,16 @@ impl Worker {
                 continue;
             }
             let moved = self.ring.progress_of(tag(P_SEND, c)).unwrap_or(0);
-            let at = (conn.sends, moved);
+            // Nothing unread (or no answer): the client is not what holds
+            // the send up.
+            let unread = crate::engine::sockq::unread_output(conn.fd).unwrap_or(0);
+            if unread == 0 {
+                if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
+                    conn.stall = None;
+                }
+                continue;
+            }
+            let at = (conn.sends, moved, unread);
             let stalled_for = match conn.stall {
                 Some((seen, since)) if seen == at => now.duration_since(since),
                 _ => {
@@ -815,7 +842,7 @@ impl Worker {
             };
             if stalled_for >= SEND_STALL {
                 let why = format!(
-                    "its client took none of its replies for {}s while other connections \
+                    "its client read none of its replies for {}s while other connections \
                      waited for memory",
                     stalled_for.as_secs()
                 );

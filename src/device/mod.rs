@@ -417,7 +417,9 @@ impl Device {
     /// Winds the served connections down (a server shutting down): each
     /// answers the requests it reads from now on with ESHUTDOWN, finishes
     /// the ones it started, and closes once nothing is owed and no request
-    /// is partly received. Connections served later start wound down.
+    /// is partly received, unless it refused one (then it waits for the
+    /// client to end it; the server cuts it after a grace). Connections
+    /// served later start wound down.
     pub fn stop_connections(&self) {
         self.stop_conns.store(true, Ordering::SeqCst);
         self.waker.wake();

@@ -500,7 +500,10 @@ impl Worker {
             };
             self.flush_sinks();
             self.ring.announce_sleep();
-            let idle = done.is_empty() && idle(&self) && !self.line_may_move();
+            // A stop that came since `run_conns` looked found nobody asleep
+            // either.
+            let idle =
+                done.is_empty() && idle(&self) && !self.line_may_move() && !self.stop_pending();
             // When closing with nothing in hand, loop back to the final round.
             // `closing` is read again after `announce_sleep`: a `close` that
             // came since the first read found nobody asleep and wrote no

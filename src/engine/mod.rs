@@ -1,5 +1,6 @@
 //! All of `ubd`'s `unsafe`: the io_uring ring and its op table, the buffer pool
-//! (mempool), the ticket sequencer, and the fork of `serve --fork`. Every
+//! (mempool), the ticket sequencer, the fork of `serve --fork`, and one
+//! socket ioctl. Every
 //! unsafe block says which invariant of the design (docs/design.md) it relies
 //! on and who upholds it.
 
@@ -14,3 +15,4 @@ pub mod record;
 pub mod ring;
 pub mod sendbuf;
 pub mod sequencer;
+pub mod sockq;
