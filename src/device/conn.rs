@@ -52,6 +52,14 @@ pub(super) const SEND_STALL: Duration = Duration::from_secs(10);
 /// How often the worker looks for such clients while memory is short.
 pub(super) const STALL_CHECK: Duration = Duration::from_secs(1);
 
+/// While requests are parsed, the ops they queued are submitted once this
+/// many wait. Submitting a batch of 32 4K reads at once, the first waited
+/// some 35 us in the block layer for the rest, and the disk took its
+/// requests in bursts: with fio on the worker's CPU (as it mostly is),
+/// groups of 4 took 4K random reads at QD32 from 42-49k to 50-56k a second
+/// (5 runs each, the same CPU per read), and 2 did as well at 10% more CPU.
+const SUBMIT_GROUP: usize = 4;
+
 /// Bytes of a connection's input buffer (headers, and small payloads that
 /// arrive with them).
 const INPUT: usize = 64 << 10;
@@ -495,6 +503,13 @@ impl Worker {
                 } => {
                     conn.in_start = (conn.in_start + consumed).min(conn.in_end);
                     self.take_payload(c, req, payload);
+                    // What the requests read so far started goes to the
+                    // host in groups, not after the whole batch: the disk
+                    // starts on the first while the rest are parsed.
+                    if self.ring.queued() >= SUBMIT_GROUP {
+                        // A failure shows again at the next `run`.
+                        let _ = self.ring.submit_queued();
+                    }
                 }
             }
         }

@@ -802,6 +802,11 @@ impl<B: BufSet> Ring<B> {
     /// host can start on them while the owner works through the rest of a
     /// batch of completions. Backpressure (EBUSY/EAGAIN) leaves them queued
     /// for the next [`Ring::run`].
+    /// SQEs queued and not yet submitted.
+    pub fn queued(&mut self) -> usize {
+        self.ring.submission().len()
+    }
+
     pub fn submit_queued(&mut self) -> io::Result<()> {
         if self.ring.submission().is_empty() {
             return Ok(());
