@@ -11,20 +11,25 @@ use common::{run, run_bytes, sha256_hex, tool, ubd};
 
 const MIB: usize = 1 << 20;
 
+/// `ubd demo --dir DIR`, its banner on a pipe.
+fn start_demo(dir: &std::path::Path, stderr: Stdio) -> std::process::Child {
+    ubd()
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start ubd demo")
+}
+
 #[test]
 fn demo_serves_an_ext4_disk_with_its_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
     let socket = dir.join("nbd.sock");
-    let mut child = ubd()
-        .arg("demo")
-        .arg("--dir")
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ubd demo");
+    let mut child = start_demo(&dir, Stdio::piped());
     let start = Instant::now();
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
@@ -121,15 +126,7 @@ fn the_demo_banner_commands_work_as_printed() {
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("demo");
-    let mut child = ubd()
-        .arg("demo")
-        .arg("--dir")
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ubd demo");
+    let mut child = start_demo(&dir, Stdio::null());
     let mut banner = Vec::new();
     let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
     loop {

@@ -389,38 +389,96 @@ fn a_handshake_pipelined_with_the_first_requests_loses_nothing() {
     hostile_case("pipelined_handshake", &[], WHOLE);
 }
 
+/// hostile.py running a case that talks with the test: it prints a line
+/// when the test is to act, and reads what the test says on its stdin.
+struct Dialogue {
+    case: &'static str,
+    child: std::process::Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    /// Its output so far.
+    seen: String,
+}
+
+impl Dialogue {
+    fn start(case: &'static str, fx: &Fixture, server: &Server) -> Dialogue {
+        let mut child = Command::new(python())
+            .arg(script())
+            .arg(case)
+            .arg(server.socket())
+            .arg(&fx.base)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hostile.py");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Dialogue {
+            case,
+            child,
+            stdout,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads its output up to a line that starts with `prefix`.
+    fn wait_for(&mut self, prefix: &str) {
+        loop {
+            let mut line = String::new();
+            let n = self
+                .stdout
+                .read_line(&mut line)
+                .expect("read hostile.py's output");
+            self.seen.push_str(&line);
+            if n == 0 {
+                let mut err = String::new();
+                let _ = self
+                    .child
+                    .stderr
+                    .take()
+                    .expect("piped")
+                    .read_to_string(&mut err);
+                let _ = self.child.wait();
+                panic!(
+                    "hostile.py {} ended before {prefix}:\n{}\n{err}",
+                    self.case, self.seen
+                );
+            }
+            if line.starts_with(prefix) {
+                return;
+            }
+        }
+    }
+
+    /// Sends `said` (nothing: just closes its stdin), reads the rest of its
+    /// output and checks that it passed.
+    fn finish(mut self, said: &[u8], server_log: &str) -> String {
+        let mut stdin = self.child.stdin.take().expect("piped stdin");
+        // A script that failed is gone: its output below says why.
+        let _ = stdin.write_all(said);
+        drop(stdin);
+        let mut rest = String::new();
+        self.stdout
+            .read_to_string(&mut rest)
+            .expect("read hostile.py's output");
+        let out = self.child.wait_with_output().expect("wait for hostile.py");
+        let all = format!("{}{rest}", self.seen);
+        assert!(
+            out.status.success() && rest.contains(&format!("PASS {}", self.case)),
+            "hostile.py {} failed ({}):\n{all}\n{}\nserver:\n{server_log}",
+            self.case,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        all
+    }
+}
+
 #[test]
 fn sigterm_with_stalled_clients_exits_0_and_keeps_acknowledged_writes() {
     let fx = Fixture::new();
     let server = fx.serve(&[]);
-    let mut child = Command::new(python())
-        .arg(script())
-        .arg("sigterm_stalled")
-        .arg(server.socket())
-        .arg(&fx.base)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hostile.py");
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = stdout
-            .read_line(&mut line)
-            .expect("read hostile.py's output");
-        seen.push_str(&line);
-        if n == 0 {
-            let mut err = String::new();
-            let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
-            let _ = child.wait();
-            panic!("hostile.py sigterm_stalled ended before READY:\n{seen}\n{err}");
-        }
-        if line.trim() == "READY" {
-            break;
-        }
-    }
+    let mut script = Dialogue::start("sigterm_stalled", &fx, &server);
+    script.wait_for("READY");
     // Clients sit half-way through a handshake, a request header and a
     // WRITE payload, and one is idle: the server must still stop.
     let (status, stderr) = server.stop();
@@ -432,20 +490,7 @@ fn sigterm_with_stalled_clients_exits_0_and_keeps_acknowledged_writes() {
         !fx.socket().exists(),
         "ubd serve left its socket file behind"
     );
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let _ = stdin.flush();
-    drop(stdin);
-    let mut rest = String::new();
-    stdout
-        .read_to_string(&mut rest)
-        .expect("read hostile.py's output");
-    let out = child.wait_with_output().expect("wait for hostile.py");
-    assert!(
-        out.status.success(),
-        "hostile.py sigterm_stalled failed ({}):\n{seen}{rest}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    script.finish(b"", &stderr);
     run(ubd().arg("check").arg(&fx.cow));
 
     // The WRITE acknowledged before SIGTERM is there after a restart; the
@@ -482,34 +527,8 @@ fn sigterm_with_stalled_clients_exits_0_and_keeps_acknowledged_writes() {
 fn sigterm_under_writes_answers_every_request_read_and_keeps_each_write_answered_ok() {
     let fx = Fixture::new();
     let server = fx.serve(&[]);
-    let mut child = Command::new(python())
-        .arg(script())
-        .arg("sigterm_busy")
-        .arg(server.socket())
-        .arg(&fx.base)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hostile.py");
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-    let mut seen = String::new();
-    let mut wait_for = |what: &str, seen: &mut String| loop {
-        let mut line = String::new();
-        let n = stdout
-            .read_line(&mut line)
-            .expect("read hostile.py's output");
-        seen.push_str(&line);
-        if n == 0 {
-            let mut err = String::new();
-            let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
-            panic!("hostile.py sigterm_busy ended before {what}:\n{seen}\n{err}");
-        }
-        if line.trim() == what || line.starts_with(what) {
-            return;
-        }
-    };
-    wait_for("READY", &mut seen);
+    let mut script = Dialogue::start("sigterm_busy", &fx, &server);
+    script.wait_for("READY");
     // SIGTERM while the client writes; the server drains and exits 0.
     let (status, stderr) = server.stop();
     assert!(
@@ -520,30 +539,15 @@ fn sigterm_under_writes_answers_every_request_read_and_keeps_each_write_answered
         !stderr.contains("cutting them"),
         "the client had to be cut:\n{stderr}"
     );
-    wait_for("ok: ", &mut seen);
+    script.wait_for("ok: ");
     run(ubd().arg("check").arg(&fx.cow));
     let server = fx.serve(&[]);
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    // A script that failed is gone: its output below says why.
-    let _ = stdin.write_all(b"GO\n");
-    drop(stdin);
-    let mut rest = String::new();
-    stdout
-        .read_to_string(&mut rest)
-        .expect("read hostile.py's output");
-    let out = child.wait_with_output().expect("wait for hostile.py");
+    println!("{}", script.finish(b"GO\n", "(the restarted server)"));
     let (status, stderr) = server.stop();
-    assert!(
-        out.status.success() && rest.contains("PASS sigterm_busy"),
-        "hostile.py sigterm_busy failed ({}):\n{seen}{rest}\n{}\nserver:\n{stderr}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         status.success(),
         "ubd serve exited with {status}:\n{stderr}"
     );
-    println!("{seen}{rest}");
     assert_eq!(
         fingerprint(&fx.base),
         fx.base_before,
