@@ -225,6 +225,7 @@ pub struct ConnCx<'a> {
     conn: u32,
     max_io: u64,
     unsent: usize,
+    unsent_heads: usize,
     out: &'a mut SendBuf,
 }
 
@@ -258,6 +259,12 @@ impl ConnCx<'_> {
     pub fn unsent(&self) -> usize {
         self.unsent + self.out.bytes()
     }
+
+    /// Of those, the bytes of reply headers and small replies, which are
+    /// held in the connection's own memory (READ data is in pool chunks).
+    pub fn unsent_heads(&self) -> usize {
+        self.unsent_heads + self.out.head_bytes()
+    }
 }
 
 /// One connection's state on the worker.
@@ -282,6 +289,8 @@ pub(super) struct Conn {
     spare: SendBuf,
     /// The send buffer is on the wire: bytes, next segment, segments.
     sending: Option<(usize, usize, usize)>,
+    /// Its header bytes.
+    sending_heads: usize,
     /// Send ops pushed so far.
     sends: u64,
     /// Where the send stood (ops pushed, bytes of the last one moved, bytes
@@ -354,6 +363,7 @@ impl Worker {
             out: SendBuf::with_capacity(64),
             spare: SendBuf::with_capacity(64),
             sending: None,
+            sending_heads: 0,
             sends: 0,
             stall: None,
             requests: 0,
@@ -466,12 +476,14 @@ impl Worker {
                 continue;
             }
             let unsent = conn.sending.map_or(0, |s| s.0);
+            let unsent_heads = conn.sending.map_or(0, |_| conn.sending_heads);
             let mut cx = ConnCx {
                 pool: &self.pool,
                 line: &mut self.line,
                 conn: c,
                 max_io: self.max_io,
                 unsent,
+                unsent_heads,
                 out: &mut conn.out,
             };
             let step = conn.proto.input(bytes, &mut cx);
@@ -612,6 +624,7 @@ impl Worker {
         let mut buf = std::mem::replace(&mut conn.out, std::mem::take(&mut conn.spare));
         buf.seal();
         let (bytes, segs) = (buf.bytes(), buf.sealed_segments());
+        conn.sending_heads = buf.head_bytes();
         if segs == 0 {
             // Only empty data pushes: their chunks simply go back.
             buf.clear();

@@ -100,6 +100,11 @@ impl SendBuf {
         }
     }
 
+    /// Header bytes gathered (held here, not in pool chunks).
+    pub fn head_bytes(&self) -> usize {
+        self.heads.len()
+    }
+
     /// Bytes gathered.
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -32,9 +32,9 @@ use super::replies::{Pending, Replies, piece_bounds, token};
 /// Replies one connection may owe at once; its input waits beyond this.
 /// (448 fills a table of 512 buckets, reserved when the connection starts.)
 const MAX_IN_FLIGHT: usize = 448;
-/// Bytes of replies other than READ data waiting for the socket beyond which
-/// a connection's requests other than READ are not read.
-const MAX_UNSENT: u64 = 4 << 20;
+/// Bytes of reply headers and small replies (not READ data) waiting for the
+/// socket beyond which a connection's requests are not read.
+const MAX_UNSENT: usize = 4 << 20;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -245,11 +245,10 @@ impl NbdConn {
                 )),
             };
         }
-        if command != cmd::READ && cx.unsent() as u64 > self.read_budget + MAX_UNSENT {
+        if cx.unsent_heads() > MAX_UNSENT {
             // A client that sends requests and does not read the replies
             // gets no more read from it: its replies are not kept without
-            // bound. READ data waiting is at most the READ budget (below),
-            // so this counts the other replies.
+            // bound. (READ data, in pool chunks, has its budget below.)
             return Step::Wait;
         }
         if self.stopping && command != cmd::DISC {
