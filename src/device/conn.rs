@@ -29,7 +29,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{Shutdown, shutdown};
 
 use super::worker::{Origin, P_PAYLOAD, P_RECV, P_SEND, Worker, tag};
-use super::{Reply, Request, check_request};
+use super::{Command, Reply, Request, check_request};
 use crate::engine::aligned::AlignedBuf;
 use crate::engine::bufpool::{BufPool, Chunks};
 use crate::engine::bufset::DevBuf;
@@ -52,12 +52,14 @@ pub(super) const SEND_STALL: Duration = Duration::from_secs(10);
 /// How often the worker looks for such clients while memory is short.
 pub(super) const STALL_CHECK: Duration = Duration::from_secs(1);
 
-/// While requests are parsed, the ops they queued are submitted once this
-/// many wait. Submitting a batch of 32 4K reads at once, the first waited
-/// some 35 us in the block layer for the rest, and the disk took its
-/// requests in bursts: with fio on the worker's CPU (as it mostly is),
-/// groups of 4 took 4K random reads at QD32 from 42-49k to 50-56k a second
-/// (5 runs each, the same CPU per read), and 2 did as well at 10% more CPU.
+/// While READs are parsed, the ops queued are submitted once this many
+/// wait. Submitting a batch of 32 4K reads at once, the first waited some
+/// 35 us in the block layer for the rest, and the disk took its requests in
+/// bursts: with fio on the worker's CPU (as it mostly is), groups of 4 took
+/// 4K random reads at QD32 from 42-49k to 50-56k a second (5 runs each, the
+/// same CPU per read), and 2 did as well at 10% more CPU. Not after WRITEs:
+/// 4 connections writing at QD8 lost 7-13% to the extra submissions (more
+/// CPU per write), with groups of 4 and of 8 alike.
 const SUBMIT_GROUP: usize = 4;
 
 /// Bytes of a connection's input buffer (headers, and small payloads that
@@ -514,11 +516,12 @@ impl Worker {
                     payload,
                 } => {
                     conn.in_start = (conn.in_start + consumed).min(conn.in_end);
+                    let read = req.command == Command::Read;
                     self.take_payload(c, req, payload);
                     // What the requests read so far started goes to the
                     // host in groups, not after the whole batch: the disk
                     // starts on the first while the rest are parsed.
-                    if self.ring.queued() >= SUBMIT_GROUP {
+                    if read && self.ring.queued() >= SUBMIT_GROUP {
                         // A failure shows again at the next `run`.
                         let _ = self.ring.submit_queued();
                     }
