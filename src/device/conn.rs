@@ -291,8 +291,6 @@ pub(super) struct Conn {
     spare: SendBuf,
     /// The send buffer is on the wire: bytes, next segment, segments.
     sending: Option<(usize, usize, usize)>,
-    /// Its header bytes.
-    sending_heads: usize,
     /// Send ops pushed so far.
     sends: u64,
     /// Where the send stood (ops pushed, bytes of the last one moved, bytes
@@ -365,7 +363,6 @@ impl Worker {
             out: SendBuf::with_capacity(64),
             spare: SendBuf::with_capacity(64),
             sending: None,
-            sending_heads: 0,
             sends: 0,
             stall: None,
             requests: 0,
@@ -478,7 +475,10 @@ impl Worker {
                 continue;
             }
             let unsent = conn.sending.map_or(0, |s| s.0);
-            let unsent_heads = conn.sending.map_or(0, |_| conn.sending_heads);
+            let unsent_heads = match self.ring.buf(conn.send_slot) {
+                Some(DevBuf::Send(wire)) => wire.head_bytes(),
+                _ => 0,
+            };
             let mut cx = ConnCx {
                 pool: &self.pool,
                 line: &mut self.line,
@@ -627,7 +627,6 @@ impl Worker {
         let mut buf = std::mem::replace(&mut conn.out, std::mem::take(&mut conn.spare));
         buf.seal();
         let (bytes, segs) = (buf.bytes(), buf.sealed_segments());
-        conn.sending_heads = buf.head_bytes();
         if segs == 0 {
             // Only empty data pushes: their chunks simply go back.
             buf.clear();
@@ -842,32 +841,26 @@ impl Worker {
         }
         self.stall_checked = Some(now);
         for c in 0..self.conns.len() as u32 {
-            let Some(Some(conn)) = self.conns.get(c as usize) else {
+            let Some(Some(conn)) = self.conns.get_mut(c as usize) else {
                 continue;
             };
-            if conn.sending.is_none() || conn.broken {
-                if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
-                    conn.stall = None;
-                }
+            // Nothing on the wire, or nothing unread (or no answer): the
+            // client is not what holds a send up.
+            let unread = if conn.sending.is_some() && !conn.broken {
+                crate::engine::sockq::unread_output(conn.fd).unwrap_or(0)
+            } else {
+                0
+            };
+            if unread == 0 {
+                conn.stall = None;
                 continue;
             }
             let moved = self.ring.progress_of(tag(P_SEND, c)).unwrap_or(0);
-            // Nothing unread (or no answer): the client is not what holds
-            // the send up.
-            let unread = crate::engine::sockq::unread_output(conn.fd).unwrap_or(0);
-            if unread == 0 {
-                if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
-                    conn.stall = None;
-                }
-                continue;
-            }
             let at = (conn.sends, moved, unread);
             let stalled_for = match conn.stall {
                 Some((seen, since)) if seen == at => now.duration_since(since),
                 _ => {
-                    if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
-                        conn.stall = Some((at, now));
-                    }
+                    conn.stall = Some((at, now));
                     continue;
                 }
             };
