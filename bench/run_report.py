@@ -23,7 +23,7 @@ LABELS = {
     "nbd-server-cow": "nbd-server copyonwrite = true (a buffered diff file per connection, deleted when it ends; a process per connection)",
     "nbdkit-null": "nbdkit null (reference: transport only)",
     "disk": "fio io_uring O_DIRECT on the raw file (reference: no NBD; reads the base, writes a preallocated copy of it)",
-    "disk-fresh": "fio io_uring O_DIRECT on a fresh sparse file (reference: no NBD; first-touch workloads only, what writing new blocks costs the host)",
+    "disk-fresh": "fio io_uring O_DIRECT on a fresh sparse file (reference: no NBD; on the workloads that only write to a fresh overlay, what writing new blocks costs the host)",
 }
 PEERS = ["qemu-nbd-none", "qemu-nbd-writeback", "nbdkit-cow", "nbd-server-cow"]
 BUFFERED_PEERS = ["qemu-nbd-writeback", "nbdkit-cow", "nbd-server-cow"]
