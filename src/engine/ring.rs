@@ -144,6 +144,10 @@ pub const MAX_IOV: usize = 65;
 
 /// `user_data` of the ring's own eventfd read.
 const WAKE_TAG: u64 = u64::MAX;
+/// `user_data` of the ring's own timer, which bounds a wait on kernels
+/// without a timed `io_uring_enter` (before 5.11). An op's `user_data` never
+/// has these low 32 bits: its slot index is below the ring's capacity.
+const TIMER_TAG: u64 = u64::MAX - 1;
 /// An op that got -EAGAIN or -EINTR is tried again this many times.
 const MAX_RETRIES: u8 = 4;
 
@@ -198,6 +202,12 @@ pub struct Ring<B: BufSet> {
     spin: Duration,
     /// The longest `run` sleeps (none: until something completes).
     wait_limit: Option<Duration>,
+    /// The kernel times a wait itself (`IORING_ENTER_EXT_ARG`, 5.11+);
+    /// otherwise a timer op bounds it.
+    timed_enter: bool,
+    /// The timer op's duration; the kernel reads it when the op is submitted.
+    timer_ts: Box<types::Timespec>,
+    timer_armed: bool,
     roles: Vec<Role>,
     recorder: Option<Arc<Recorder>>,
     faults: Option<Arc<Faults>>,
@@ -234,9 +244,10 @@ impl<B: BufSet> Ring<B> {
         let sq = ring.params().sq_entries() as usize;
         let cq = ring.params().cq_entries() as usize;
         // Each slot has at most one SQE queued and one CQE pending, and one
-        // entry of each is kept for the eventfd read: so neither queue can
-        // overflow (invariant 6).
-        let capacity = sq.min(cq) - 1;
+        // entry of each is kept for the eventfd read and one for the timer:
+        // so neither queue can overflow (invariant 6).
+        let capacity = sq.min(cq) - 2;
+        let timed_enter = ring.params().is_feature_ext_arg();
         let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
         let table = files.len() + spare_files;
         // A sparse table (5.19+) takes files added later; otherwise only the
@@ -309,6 +320,9 @@ impl<B: BufSet> Ring<B> {
             wake_armed: false,
             spin: Duration::ZERO,
             wait_limit: None,
+            timed_enter,
+            timer_ts: Box::new(types::Timespec::new()),
+            timer_armed: false,
             roles: Vec::new(),
             recorder: None,
             faults: None,
@@ -566,7 +580,8 @@ impl<B: BufSet> Ring<B> {
     fn push_entry(&mut self, entry: &squeue::Entry) {
         loop {
             // SAFETY: every buffer an SQE points at is owned by its op table slot
-            // (or is `wake_buf`, owned by the ring) until the terminal CQE, and
+            // (or is `wake_buf` or `timer_ts`, owned by the ring; a new timer is
+            // armed only once the old one completed) until the terminal CQE, and
             // the table is only freed after a full drain or leaked (invariants 1, 3).
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return;
@@ -711,8 +726,7 @@ impl<B: BufSet> Ring<B> {
     fn enter(&mut self, want: usize) -> io::Result<()> {
         loop {
             let entered = match self.wait_limit {
-                // Kernels before 5.11 have no timed wait: they wait on.
-                Some(limit) if want > 0 && self.ring.params().is_feature_ext_arg() => {
+                Some(limit) if want > 0 && self.timed_enter => {
                     let ts = types::Timespec::from(limit);
                     let args = types::SubmitArgs::new().timespec(&ts);
                     match self.ring.submitter().submit_with_args(want, &args) {
@@ -720,6 +734,10 @@ impl<B: BufSet> Ring<B> {
                         Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(0),
                         r => r,
                     }
+                }
+                Some(limit) if want > 0 => {
+                    self.arm_timer(limit);
+                    self.ring.submit_and_wait(want)
                 }
                 _ => self.ring.submit_and_wait(want),
             };
@@ -729,6 +747,20 @@ impl<B: BufSet> Ring<B> {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Queues a timer op that completes after `limit`, unless one is
+    /// pending: its completion ends the wait as any other would.
+    fn arm_timer(&mut self, limit: Duration) {
+        if self.timer_armed {
+            return;
+        }
+        *self.timer_ts = types::Timespec::from(limit);
+        let entry = opcode::Timeout::new(&*self.timer_ts)
+            .build()
+            .user_data(TIMER_TAG);
+        self.push_entry(&entry);
+        self.timer_armed = true;
     }
 
     fn arm_wake(&mut self) {
@@ -876,6 +908,10 @@ impl<B: BufSet> Ring<B> {
         let user_data = cqe.user_data();
         if user_data == WAKE_TAG {
             self.wake_armed = false;
+            return 0;
+        }
+        if user_data == TIMER_TAG {
+            self.timer_armed = false;
             return 0;
         }
         let index = (user_data & 0xFFFF_FFFF) as u32;
@@ -1230,5 +1266,45 @@ mod tests {
         let n = ring.run(true, &mut |_| {}).unwrap();
         assert_eq!(n, 0);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_wait_limit_ends_a_wait_with_or_without_the_kernels_timed_wait() {
+        for timed in [true, false] {
+            let (_f, mut ring) = ring_over(&[0u8; 512]);
+            // Without: as on kernels before 5.11, a timer op bounds the wait.
+            ring.timed_enter &= timed;
+            ring.set_wait_limit(Some(Duration::from_millis(20)));
+            // A watchdog wakes the ring if a wait is not bounded (and keeps
+            // waking it, so the test ends), and says so.
+            let waker = ring.waker();
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let dog = std::thread::spawn(move || {
+                let mut hung = false;
+                let mut patience = Duration::from_secs(60);
+                while rx.recv_timeout(patience).is_err() {
+                    hung = true;
+                    patience = Duration::from_millis(100);
+                    waker.wake();
+                }
+                hung
+            });
+            // Three waits in a row: the timer is armed again after it fired.
+            for _ in 0..3 {
+                ring.announce_sleep();
+                assert_eq!(ring.run(true, &mut |_| {}).unwrap(), 0);
+            }
+            tx.send(()).unwrap();
+            assert!(
+                !dog.join().unwrap(),
+                "a wait was not bounded (timed: {timed})"
+            );
+            // The limit lifted, the ring still completes ops as before.
+            ring.set_wait_limit(None);
+            ring.attach(0, AlignedBuf::new(512, 512).unwrap()).unwrap();
+            ring.push(op(OpKind::Read, 0, 512, Some(0), 7)).unwrap();
+            let done = collect(&mut ring);
+            assert_eq!((done.len(), done[0].tag, done[0].result), (1, 7, Ok(512)));
+        }
     }
 }
