@@ -230,7 +230,8 @@ impl<B: BufSet> Ring<B> {
         spare_files: usize,
         arena: Option<(*mut u8, usize, Arc<dyn Send + Sync>)>,
     ) -> io::Result<Ring<B>> {
-        let depth = depth.clamp(2, 4096);
+        // At least 4: two entries are kept for the eventfd read and the timer.
+        let depth = depth.clamp(4, 4096);
         // COOP_TASKRUN: completions are run when the owner enters the ring,
         // not pushed by an interrupt to a thread that is busy anyway; only
         // the owner submits (SINGLE_ISSUER). Older kernels get a plain ring.
