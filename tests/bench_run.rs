@@ -44,16 +44,19 @@ fn measured(server: &str, workload: &str) -> bool {
     match server {
         // nbd-server's diff lasts one connection: no rewrite case for it.
         "nbd-server-cow" => workload != "randwrite-qd32-rewrite",
-        // A first-touch reference.
-        "disk-fresh" => FIRST_TOUCH.contains(&workload),
+        // A reference for writes of new blocks only.
+        "disk-fresh" => FRESH_WRITES.contains(&workload),
         _ => true,
     }
 }
 
-const FIRST_TOUCH: [&str; 3] = [
+/// The workloads that only write to a fresh overlay: the first-touch ones,
+/// and random writes with a FLUSH after each.
+const FRESH_WRITES: [&str; 4] = [
     "randwrite-qd32-first",
     "randwrite-4x8-first",
     "write-1m-qd8",
+    "randwrite-fsync-qd1",
 ];
 
 /// The one file in `dir` whose name ends with `suffix`.
@@ -169,7 +172,7 @@ fn bench_run_quick_reports_every_server_and_workload() {
         }
         parse_number(f[col("ratio_best_peer")], &what);
         parse_number(f[col("ratio_disk")], &what);
-        if FIRST_TOUCH.contains(&workload) {
+        if FRESH_WRITES.contains(&workload) {
             parse_number(f[col("ratio_disk_fresh")], &what);
         } else {
             assert_eq!(f[col("ratio_disk_fresh")], "", "{what}");
@@ -185,7 +188,7 @@ fn bench_run_quick_reports_every_server_and_workload() {
         md.contains("nbd-server-cow is not measured on randwrite-qd32-rewrite"),
         "the report says why a case is missing:\n{md}"
     );
-    for w in FIRST_TOUCH {
+    for w in FRESH_WRITES {
         let table: String = md
             .split("\n## ")
             .filter(|t| t.contains(&format!("`{w}`")))
