@@ -831,15 +831,15 @@ impl<B: BufSet> Ring<B> {
         Ok(delivered)
     }
 
-    /// Submits the SQEs queued so far without waiting for anything, so the
-    /// host can start on them while the owner works through the rest of a
-    /// batch of completions. Backpressure (EBUSY/EAGAIN) leaves them queued
-    /// for the next [`Ring::run`].
     /// SQEs queued and not yet submitted.
     pub fn queued(&mut self) -> usize {
         self.ring.submission().len()
     }
 
+    /// Submits the SQEs queued so far without waiting for anything, so the
+    /// host can start on them while the owner works through the rest of a
+    /// batch of completions. Backpressure (EBUSY/EAGAIN) leaves them queued
+    /// for the next [`Ring::run`].
     pub fn submit_queued(&mut self) -> io::Result<()> {
         if self.ring.submission().is_empty() {
             return Ok(());
