@@ -43,6 +43,9 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
         }
     };
+    if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {
+        cli::serve::init_tool_logging();
+    }
     let outcome = match cli.command {
         Command::Create(args) => cli::create::run(args),
         Command::Info(args) => cli::info::run(args),

@@ -2,7 +2,8 @@
 //! returns EIO (the device's fault injector, beneath the ring) or ENOSPC (the
 //! overlay on a small tmpfs that fills up). The client gets that error for
 //! the request that met it, other requests go on, and nothing already
-//! acknowledged (and flushed) is lost.
+//! acknowledged (and flushed) is lost. An overlay cut short fails reads of
+//! the sectors it lost with EIO.
 
 mod common;
 
@@ -305,4 +306,74 @@ fn enospc_on_a_full_file_system_fails_the_write_and_keeps_the_rest() {
     // The failed write set no bit: the base shows through.
     assert!(read_device(&cow, 4 * M + 4096, M - 4096) == pattern(5, 4 * M + 4096, M - 4096));
     drop(small);
+}
+
+/// An overlay cut short (a copy that stopped, a truncate): sectors its
+/// bitmap marks written but its file no longer reaches fail with EIO, over
+/// NBD and in the image tool, naming the overlay; they never read as zeros or
+/// as another request's data. What the file still holds reads as before.
+#[test]
+fn a_truncated_overlay_fails_reads_of_what_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
+    let cow = dir.path().join("vm.cow");
+    create_overlay(&cow, &base, false).unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let (w, r) = (
+        |o, l, s| op("w", o, l, s),
+        |o: u64, l: u64, s: u64| op("r", o, l, s),
+    );
+    let steps = |list: &[(String, &'static str)]| {
+        let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        expect(&socket, &v);
+    };
+    let server = Server::start(&socket, &[cow.as_os_str()]);
+    steps(&[
+        (w(0, 65536, 21), "ok"),
+        (w(4 * M, 65536, 22), "ok"),
+        ("f".into(), "ok"),
+    ]);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "ubd serve: {status}\n{stderr}");
+
+    // Keep the first 4 KiB of the second run.
+    let data_offset = ubd_info(&cow)["data_offset"].as_u64().unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&cow)
+        .unwrap()
+        .set_len(data_offset + 4 * M + 4096)
+        .unwrap();
+
+    let server = Server::start(&socket, &[cow.as_os_str()]);
+    steps(&[
+        (r(0, 65536, 21), "ok"),
+        (r(4 * M, 65536, 22), "err EIO"),
+        (r(4 * M + 8192, 4096, 22), "err EIO"),
+        (r(4 * M, 4096, 22), "ok"),
+        (r(2 * M, 65536, 5), "ok"),
+    ]);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "ubd serve: {status}\n{stderr}");
+    let name = cow.to_str().unwrap();
+    assert!(
+        stderr.contains(name) && stderr.contains("truncated"),
+        "the server's log does not say what failed:\n{stderr}"
+    );
+
+    let out_img = dir.path().join("out.img");
+    for args in [
+        vec!["convert", name, out_img.to_str().unwrap()],
+        vec!["map", name],
+    ] {
+        let out = output(common::ubd().args(&args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "ubd {args:?}: {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains("truncated"),
+            "ubd {args:?} does not say what failed: {stderr}"
+        );
+    }
+    assert!(!out_img.exists(), "convert left a partial image");
 }

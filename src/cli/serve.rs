@@ -241,6 +241,21 @@ fn default_socket(file: &Path) -> PathBuf {
     file.with_file_name(name)
 }
 
+/// Logging for the image tool's other commands: warnings and errors (a
+/// device error names its file and offset), to stderr, without timestamps.
+pub fn init_tool_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
 /// Starts logging at RUST_LOG's level (default info), to stderr or appended
 /// to `file`.
 pub fn init_logging(file: Option<&Path>) -> Result<(), String> {

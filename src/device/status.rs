@@ -39,6 +39,9 @@ impl Worker {
             })?;
             return Ok(Reply::Extents(out));
         };
+        // The overlay's length now (a write may have extended it), read
+        // once a request: a present sector past it is damage, not a hole.
+        let mut overlay_len = None;
         let mut at = start;
         while at < end {
             let s = at / SECTOR;
@@ -47,6 +50,21 @@ impl Worker {
             let run_end = (next_sector * SECTOR).min(end);
             if present {
                 let base = cow.data_offset;
+                let len = match overlay_len {
+                    Some(len) => len,
+                    None => *overlay_len.insert(self.main.metadata().map_err(io_errno)?.len()),
+                };
+                if base + run_end > len {
+                    tracing::error!(
+                        "{}: bytes {}..{} are marked written but the file ends at {} \
+                         (truncated?)",
+                        self.main_path().display(),
+                        base + at,
+                        base + run_end,
+                        len
+                    );
+                    return Err(Errno::EIO);
+                }
                 holes(
                     &self.main,
                     base + at,
@@ -69,6 +87,10 @@ impl Worker {
         }
         Ok(Reply::Extents(out))
     }
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Calls `each(len, is_data)` for the data and hole runs of `file` over

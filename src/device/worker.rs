@@ -229,6 +229,8 @@ pub struct Worker {
     pub(super) ring: Ring<DevBuf>,
     pub(super) main: Arc<File>,
     pub(super) main_len: u64,
+    /// The files' paths, by file index, for error messages.
+    paths: Vec<std::path::PathBuf>,
     /// The main file takes direct I/O.
     pub(super) main_direct: bool,
     pub(super) cow: Option<Cow>,
@@ -321,9 +323,12 @@ impl Worker {
             faults,
         } = setup;
         let mut files = vec![img.main.file.clone()];
+        let mut paths = vec![img.main.path.clone()];
         if let Some(o) = &img.overlay {
             files.push(o.backing.file.clone());
             files.push(o.meta.clone());
+            paths.push(o.backing.path.clone());
+            paths.push(img.main.path.clone());
         }
         let (arena_ptr, arena_len) = pool.arena();
         let keep: Arc<dyn Send + Sync> = Arc::new(pool.clone());
@@ -414,6 +419,7 @@ impl Worker {
             ring,
             main: img.main.file,
             main_len: img.main.len,
+            paths,
             main_direct: img.main.direct,
             cow,
             capacity: img.capacity,
@@ -747,24 +753,58 @@ impl Worker {
         }
     }
 
+    /// The overlay's (or raw image's) path.
+    pub(super) fn main_path(&self) -> &std::path::Path {
+        &self.paths[FILE_MAIN]
+    }
+
     /// A completion's result, with short transfers judged: a read may stop at
-    /// the end of the backing file (or a raw image), nowhere else.
+    /// the end of the backing file (or a raw image), nowhere else. An
+    /// overlay's sector that the bitmap marks present but the file does not
+    /// reach (a truncated overlay) is an I/O error, not stale data. Failures
+    /// are logged with the file and offset.
     fn check(&self, c: &Completion) -> Result<(), i32> {
-        let done = c.result?;
         let op = &c.op;
+        let path = || {
+            self.paths
+                .get(op.file)
+                .map_or_else(String::new, |p| p.display().to_string())
+        };
+        let done = match c.result {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::warn!(
+                    "{}: {:?} of {} bytes at offset {} failed: {}",
+                    path(),
+                    op.kind,
+                    op.len,
+                    op.offset,
+                    Errno::from_raw(e)
+                );
+                return Err(e);
+            }
+        };
         if !matches!(op.kind, OpKind::Read) || done >= op.len {
             return Ok(());
         }
         let file_len = match op.file {
-            FILE_BACKING => self.cow.as_ref().map_or(0, |c| c.backing_len),
-            _ if self.cow.is_none() => self.main_len,
-            _ => 0,
+            FILE_BACKING => self.cow.as_ref().map(|c| c.backing_len),
+            _ if self.cow.is_none() => Some(self.main_len),
+            // The overlay's data reads cover present sectors only.
+            _ => None,
         };
-        if op.offset + done >= file_len {
-            Ok(())
-        } else {
-            Err(libc::EIO)
+        if file_len.is_some_and(|len| op.offset + done >= len) {
+            return Ok(());
         }
+        tracing::error!(
+            "{}: read of {} bytes at offset {} ended after {} bytes: the file is \
+             shorter than the data it should hold (truncated?)",
+            path(),
+            op.len,
+            op.offset,
+            done
+        );
+        Err(libc::EIO)
     }
 
     /// Moves a request on once its ops are done.
