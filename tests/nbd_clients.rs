@@ -1285,6 +1285,43 @@ fn a_second_server_on_the_same_overlay_fails_with_a_lock_message() {
     f.finish();
 }
 
+/// A raw image being served is locked as an overlay is: a second server,
+/// `create --force` and a `commit` into it are refused while it is served,
+/// naming the server, and the image keeps what the client wrote.
+#[test]
+fn a_served_raw_image_is_locked_against_other_writers() {
+    let dir = TempDir::new().unwrap();
+    let raw = dir.path().join("raw.img");
+    run(ubd().arg("create").arg(&raw).arg("1M"));
+    let cow = dir.path().join("over.cow");
+    run(ubd().args(["create", "--backing"]).arg(&raw).arg(&cow));
+    let server = Server::start(&dir.path().join("raw.sock"), &[raw.as_os_str()]);
+    qemu_io(&server.uri(), false, &["write -P 0x5a 0 65536".into()]);
+    let held = format!("process {} holds", server.pid());
+
+    let (code, stderr) =
+        common::server::serve_refused(&dir.path().join("other.sock"), &[raw.as_os_str()]);
+    assert_eq!(
+        code,
+        Some(1),
+        "a second server on a served raw image: {stderr}"
+    );
+    assert!(stderr.contains(&held), "{stderr}");
+    for args in [
+        vec!["create", "--force", raw.to_str().unwrap(), "64K"],
+        vec!["commit", cow.to_str().unwrap()],
+    ] {
+        let out = output(ubd().args(&args));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "ubd {args:?}: {stderr}");
+        assert!(stderr.contains(&held), "ubd {args:?}: {stderr}");
+    }
+    stop_clean(server);
+    let data = fs::read(&raw).unwrap();
+    assert_eq!(data.len(), 1 << 20);
+    assert!(data[..65536].iter().all(|&b| b == 0x5a));
+}
+
 const CONNECTED_CLIENT: &str = r#"
 import nbd, sys
 h = nbd.NBD()

@@ -286,6 +286,9 @@ pub struct Worker {
     /// Writes and zeroings into pieces being filled, with their sectors:
     /// pushed when no piece they touch is filling any more.
     pub(super) parked: Vec<(Range<u64>, Op)>,
+    /// Holds the image's lock. Declared after `ring`, so it is released
+    /// only once the ring has drained.
+    _lock: Arc<File>,
 }
 
 /// What the worker is given besides the image.
@@ -462,6 +465,7 @@ impl Worker {
             max_requests: mr,
             spin: poll,
             recent_depth: 0,
+            _lock: img.lock,
         })
     }
 

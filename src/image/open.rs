@@ -83,6 +83,9 @@ pub struct OpenImage {
     /// overlay, the file's length for a raw image.
     pub capacity: u64,
     pub read_only: bool,
+    /// The descriptor that holds the image's lock (shared when read-only,
+    /// exclusive otherwise): the lock lasts as long as it is open.
+    pub lock: Arc<File>,
 }
 
 fn open_file(path: &Path, write: bool, cache: Cache) -> Result<(File, bool), ImageError> {
@@ -211,21 +214,23 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
         let len = len_of(&file, path)?;
         // Direct I/O needs whole sectors: a raw image with a ragged end is
         // served buffered.
+        let probe = Arc::new(probe);
         let (file, direct) = if direct && len % 512 != 0 {
-            (probe, false)
+            (probe.clone(), false)
         } else {
-            (file, direct)
+            (Arc::new(file), direct)
         };
         return Ok(OpenImage {
             main: ImageFile {
                 path: path.to_path_buf(),
-                file: Arc::new(file),
+                file,
                 direct,
                 len,
             },
             overlay: None,
             capacity: len,
             read_only: opts.read_only,
+            lock: probe,
         });
     };
     let geometry = Geometry::new(&header).map_err(format_err)?;
@@ -272,6 +277,9 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
         );
     }
     let capacity = geometry.capacity();
+    // The probe descriptor holds the OFD lock: it stays open for as long as
+    // the image is, as the bitmap writer.
+    let probe = Arc::new(probe);
     Ok(OpenImage {
         main: ImageFile {
             path: path.to_path_buf(),
@@ -283,9 +291,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
             header,
             geometry,
             bitmap,
-            // The probe descriptor holds the OFD lock: keep it open for as
-            // long as the image is, as the bitmap writer.
-            meta: Arc::new(probe),
+            meta: probe.clone(),
             backing: ImageFile {
                 path: backing_path,
                 file: Arc::new(backing_file),
@@ -295,5 +301,6 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
         }),
         capacity,
         read_only: opts.read_only,
+        lock: probe,
     })
 }
