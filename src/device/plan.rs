@@ -116,6 +116,12 @@ impl Worker {
                 if emit {
                     let data_offset = self.cow.as_ref().map_or(0, |c| c.data_offset);
                     run(self, FILE_MAIN, data_offset + at * SECTOR, at, end);
+                } else if let Some(s) = ragged
+                    && (at..end).contains(&s)
+                {
+                    // The overlay's file may end where the backing file's
+                    // data does, inside this sector.
+                    self.zero_fill(buf, byte_pos(s), byte_pos(s + 1));
                 }
                 at = end;
                 continue;

@@ -763,10 +763,11 @@ impl Worker {
     }
 
     /// A completion's result, with short transfers judged: a read may stop at
-    /// the end of the backing file (or a raw image), nowhere else. An
-    /// overlay's sector that the bitmap marks present but the file does not
-    /// reach (a truncated overlay) is an I/O error, not stale data. Failures
-    /// are logged with the file and offset.
+    /// the end of the backing file's data (in the backing file, the raw
+    /// image or the overlay), nowhere else. An overlay's sector that the
+    /// bitmap marks present but the file does not reach (a truncated
+    /// overlay) is an I/O error, not stale data. Failures are logged with
+    /// the file and offset.
     fn check(&self, c: &Completion) -> Result<(), i32> {
         let op = &c.op;
         let path = || {
@@ -791,13 +792,14 @@ impl Worker {
         if !matches!(op.kind, OpKind::Read) || done >= op.len {
             return Ok(());
         }
-        let file_len = match op.file {
-            FILE_BACKING => self.cow.as_ref().map(|c| c.backing_len),
-            _ if self.cow.is_none() => Some(self.main_len),
-            // The overlay's data reads cover present sectors only.
-            _ => None,
+        // Where the file may end: the overlay's data area may end with the
+        // backing file's size, inside the last sector (zero-filled first).
+        let file_len = match &self.cow {
+            Some(cow) if op.file == FILE_BACKING => cow.backing_len,
+            Some(cow) => cow.data_offset + cow.backing_len,
+            None => self.main_len,
         };
-        if file_len.is_some_and(|len| op.offset + done >= len) {
+        if op.offset + done >= file_len {
             return Ok(());
         }
         tracing::error!(
