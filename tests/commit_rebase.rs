@@ -187,6 +187,205 @@ fn commit_refuses_a_locked_overlay_and_a_changed_backing_file() {
     assert!(fs::read(&base).unwrap() == before);
 }
 
+fn mtime(path: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().mtime()
+}
+
+fn set_mtime(path: &Path, secs: i64) {
+    run(Command::new("touch")
+        .arg("-d")
+        .arg(format!("@{secs}"))
+        .arg(path));
+}
+
+/// Two overlays over one base, each with its own writes.
+fn two_overlays(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (base, a) = overlay(dir, 1 << 20, 0);
+    let b = dir.join("b.cow");
+    create_overlay(&b, &base, false).unwrap();
+    let dev = Device::open(&b, &DeviceOptions::default()).unwrap();
+    dev.write_at(8192, &[0xbb; 4096], Flags::default()).unwrap();
+    dev.close().unwrap();
+    (base, a, b)
+}
+
+/// `ubd commit` started while the backing file is locked, interrupted
+/// while it waits.
+fn commit_interrupted_while_waiting(cow: &Path, base: &Path) -> std::process::Output {
+    let mut holder = common::hold_posix_lock(base);
+    let child = Command::new(common::ubd_bin())
+        .arg("commit")
+        .arg(cow)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    common::server::signal(child.id(), "INT");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A commit that waited for the backing file's lock checks the file again
+/// once it has it: another commit may have changed it meanwhile.
+#[test]
+fn commit_checks_the_backing_file_again_once_it_holds_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cow) = overlay(dir.path(), 1 << 20, 0);
+    let before = fs::read(&base).unwrap();
+    let mut holder = common::hold_posix_lock(&base);
+    let child = Command::new(common::ubd_bin())
+        .arg("commit")
+        .arg(&cow)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // What another commit would leave: a new mtime.
+    std::thread::sleep(Duration::from_millis(300));
+    set_mtime(&base, mtime(&base) + 10);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refusing to commit"), "{stderr}");
+    assert!(fs::read(&base).unwrap() == before);
+}
+
+/// A commit interrupted before it wrote anything says so and leaves no
+/// marker: it cannot later take another commit's changes to the backing
+/// file for its own.
+#[test]
+fn a_commit_interrupted_before_writing_leaves_nothing_to_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, a, b) = two_overlays(dir.path());
+    let before = fs::read(&base).unwrap();
+    let out = commit_interrupted_while_waiting(&a, &base);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nothing was written"), "{stderr}");
+    assert!(!PathBuf::from(format!("{}.commit", a.display())).exists());
+    assert!(fs::read(&base).unwrap() == before);
+    // Another overlay is committed; the first is stale now.
+    run(ubd().arg("commit").arg(&b));
+    let out = output(ubd().arg("commit").arg(&a));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("refusing to commit"), "{stderr}");
+    assert_eq!(&fs::read(&base).unwrap()[..512], &before[..512]);
+}
+
+/// A commit interrupted part way records the mtime it left the backing
+/// file with; run again, it finishes only if the file still has it.
+#[test]
+fn an_interrupted_commit_resumes_only_over_what_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cow) = overlay(dir.path(), 64 << 20, 48 << 20);
+    let reference = dir.path().join("reference.img");
+    let cow2 = dir.path().join("cow2.img");
+    copy_keep_mtime(&base, &reference);
+    copy_keep_mtime(&cow, &cow2);
+    uml_moo_in_place(&cow2, &reference);
+    let marker = PathBuf::from(format!("{}.commit", cow.display()));
+    let mut part_way = false;
+    for delay_ms in [15u64, 30, 50, 80] {
+        let child = Command::new(common::ubd_bin())
+            .arg("commit")
+            .arg(&cow)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        common::server::signal(child.id(), "INT");
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            break;
+        }
+        if stderr.contains("partly merged") {
+            part_way = true;
+            break;
+        }
+        assert!(stderr.contains("nothing was written"), "{stderr}");
+        assert!(!marker.exists());
+    }
+    if part_way {
+        let left = mtime(&base);
+        let text = fs::read_to_string(&marker).unwrap();
+        assert!(text.ends_with(&format!("left mtime: {left}\n")), "{text}");
+        set_mtime(&base, left + 10);
+        let out = output(ubd().arg("commit").arg(&cow));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("since the interrupted commit"), "{stderr}");
+        set_mtime(&base, left);
+        run(ubd().arg("commit").arg(&cow));
+    } else if marker.exists() || fs::read(&base).unwrap() != fs::read(&reference).unwrap() {
+        run(ubd().arg("commit").arg(&cow));
+    }
+    assert!(fs::read(&base).unwrap() == fs::read(&reference).unwrap());
+    assert!(!marker.exists());
+    eprintln!("interrupted part way: {part_way}");
+}
+
+/// An overlay whose file ends with the backing file's data, inside its last
+/// sector (the backing file's size is not a multiple of 512): committed
+/// whole, as the device reads it. (`uml_moo -d` silently keeps the backing
+/// file's old bytes for that sector.)
+#[test]
+fn commit_takes_a_last_sector_cut_at_the_backing_files_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1_000_000usize;
+    let (base, cow) = overlay(dir.path(), size, 0);
+    let data_offset = ubd_info(&cow)["data_offset"].as_u64().unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&cow).unwrap();
+    f.set_len(data_offset + size as u64).unwrap();
+    drop(f);
+    run(ubd().arg("check").arg(&cow));
+    let mut expect = vec![0u8; size];
+    let dev = Device::open(
+        &cow,
+        &DeviceOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    dev.read_at(0, &mut expect).unwrap();
+    dev.close().unwrap();
+    drop(dev);
+    assert!(expect != fs::read(&base).unwrap());
+    run(ubd().arg("commit").arg(&cow));
+    assert!(fs::read(&base).unwrap() == expect);
+    assert!(!PathBuf::from(format!("{}.commit", cow.display())).exists());
+}
+
+/// Committed through a symlink the header names: the overlay is stale (its
+/// backing file changed), and commit says so.
+#[test]
+fn commit_through_a_symlink_reports_the_overlay_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, _) = overlay(dir.path(), 1 << 20, 0);
+    let alias = dir.path().join("alias.img");
+    std::os::unix::fs::symlink(&base, &alias).unwrap();
+    let cow = dir.path().join("via-alias.cow");
+    create_overlay(&cow, &alias, false).unwrap();
+    let dev = Device::open(&cow, &DeviceOptions::default()).unwrap();
+    dev.write_at(0, &[9u8; 4096], Flags::default()).unwrap();
+    dev.close().unwrap();
+    let j: serde_json::Value = serde_json::from_str(&run(ubd()
+        .args(["commit", "--output", "json", "--backing"])
+        .arg(&base)
+        .arg(&cow)))
+    .unwrap();
+    assert_eq!(j["overlay"], "stale", "{j}");
+    assert_eq!(output(ubd().arg("check").arg(&cow)).status.code(), Some(3));
+}
+
 #[test]
 fn rebase_follows_a_moved_backing_file_and_refuses_a_changed_one() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 //! `uml_moo -d`.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,20 @@ fn marker_text(backing: &Path, size: u64) -> String {
     )
 }
 
+/// What the marker of a commit into `backing` of `size` bytes says: `None`
+/// if there is none for it; `Some(None)` if the commit stopped without
+/// saying where (a crash); `Some(Some(mtime))` if it stopped on an interrupt
+/// or an error and left the backing file with that mtime.
+fn read_marker(marker: &Path, backing: &Path, size: u64) -> Option<Option<i64>> {
+    let text = fs::read_to_string(marker).ok()?;
+    let rest = text.strip_prefix(&marker_text(backing, size))?;
+    if rest.is_empty() {
+        return Some(None);
+    }
+    let mtime = rest.strip_prefix("left mtime: ")?.strip_suffix('\n')?;
+    Some(Some(mtime.parse().ok()?))
+}
+
 fn open_locked(path: &Path, kind: LockKind) -> Result<File, Box<dyn std::error::Error>> {
     let file = OpenOptions::new()
         .read(true)
@@ -88,13 +103,23 @@ fn open_locked(path: &Path, kind: LockKind) -> Result<File, Box<dyn std::error::
     Ok(file)
 }
 
-/// Copies the present runs of `cow` into `backing`; returns sectors copied.
+/// How a copy ended.
+struct Copy {
+    /// Sectors present in the overlay (all copied if `stopped` is `None`).
+    sectors: u64,
+    /// Whether any write reached the backing file.
+    wrote: bool,
+    /// Why it stopped early: an error, or an interrupt.
+    stopped: Option<String>,
+}
+
+/// Copies the present runs of `cow` into `backing`.
 fn copy_runs(
     cow: &CowImage,
     cow_file: Arc<File>,
     backing: Arc<File>,
     bitmap: &[u8],
-) -> Result<u64, Box<dyn std::error::Error>> {
+) -> Result<Copy, Box<dyn std::error::Error>> {
     let g = &cow.geometry;
     let size = cow.header.size;
     let bits = Bitmap::new(bitmap, g.mapped_sectors());
@@ -110,6 +135,7 @@ fn copy_runs(
     let mut current: Option<(u64, u64)> = None;
     let mut idle: Vec<u32> = (0..IN_FLIGHT as u32).collect();
     let mut first_error: Option<String> = None;
+    let mut wrote = false;
     loop {
         // Start reads while buffers are free and runs remain.
         while first_error.is_none() && !interrupted() {
@@ -162,7 +188,9 @@ fn copy_runs(
                     ));
                     idle.push(slot);
                 }
-                Ok(got) if !is_write && got < c.op.len => {
+                // The file may end with the backing file's data, inside
+                // the last sector.
+                Ok(got) if !is_write && got < c.op.len.min(size - start * 512) => {
                     first_error.get_or_insert(format!(
                         "{}: the overlay ends inside the data of sector {start}",
                         cow.path.display()
@@ -173,6 +201,7 @@ fn copy_runs(
                     // Never past the backing file's end: its last sector may
                     // be partial.
                     let len = c.op.len.min(size - start * 512);
+                    wrote = true;
                     let _ = ring.push(Op {
                         kind: OpKind::Write,
                         file: 1,
@@ -190,16 +219,20 @@ fn copy_runs(
         }
     }
     progress.finish();
-    if let Some(e) = first_error {
-        return Err(e.into());
+    let stopped = first_error.or_else(|| interrupted().then(|| "interrupted".to_string()));
+    Ok(Copy {
+        sectors: total,
+        wrote,
+        stopped,
+    })
+}
+
+/// Whether two paths name the same file (symlinks followed).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
-    if interrupted() {
-        return Err(
-            "interrupted: the backing file is partly merged; run `ubd commit` again to finish"
-                .into(),
-        );
-    }
-    Ok(total)
 }
 
 pub fn run(args: Args) -> Outcome {
@@ -220,18 +253,37 @@ pub fn run(args: Args) -> Outcome {
     let dir = args.backing_dir.get();
     let examined = cow.backing(args.backing.as_deref(), dir)?;
     let marker = marker_path(&args.file);
-    let resuming = fs::read_to_string(&marker)
-        .is_ok_and(|text| text == marker_text(&backing, cow.header.size));
+    let resuming = read_marker(&marker, &backing, cow.header.size);
+    // A commit that stopped part way left the backing file with a new
+    // mtime: it is finished by running it again. If the marker knows that
+    // mtime, the file must still have it (no other change since).
+    let refuse = |state: &BackingState| -> Result<(), Box<dyn std::error::Error>> {
+        let resumable = match (state, resuming) {
+            (BackingState::MtimeDiffers { on_disk }, Some(left)) => {
+                left.is_none_or(|left| left == *on_disk)
+            }
+            _ => false,
+        };
+        match state.problem(&cow.header, &backing) {
+            Some(problem) if !resumable => {
+                let since = if resuming.is_some() {
+                    " since the interrupted commit"
+                } else {
+                    ""
+                };
+                Err(format!(
+                    "{}: {problem}{since}; refusing to commit",
+                    args.file.display()
+                )
+                .into())
+            }
+            _ => Ok(()),
+        }
+    };
     // The overlay exclusively (no server or UML may have it), the backing
     // file exclusively (nothing may read it while it changes).
     let cow_file = Arc::new(open_locked(&args.file, LockKind::Exclusive)?);
-    let state = examined.state;
-    let resumable = matches!(state, BackingState::MtimeDiffers { .. }) && resuming;
-    if let Some(problem) = state.problem(&cow.header, &backing)
-        && !resumable
-    {
-        return Err(format!("{}: {problem}; refusing to commit", args.file.display()).into());
-    }
+    refuse(&examined.state)?;
     let Some(resolved) = examined.resolved else {
         return Err(format!(
             "{}: backing file {} cannot be resolved; refusing to commit",
@@ -247,6 +299,18 @@ pub fn run(args: Args) -> Outcome {
         LockKind::Exclusive,
         Duration::from_secs(2),
     )?;
+    // Checked again under the lock: another commit into the same file may
+    // have finished while this one waited for it.
+    let meta = backing_file
+        .metadata()
+        .map_err(|e| format!("{}: cannot stat: {e}", resolved.display()))?;
+    refuse(&BackingState::compare(
+        &cow.header,
+        image::Stamp {
+            size: meta.len(),
+            mtime: meta.mtime(),
+        },
+    ))?;
     let backing_file = Arc::new(backing_file);
     let mut bitmap = image::bitmap_buffer(&args.file, cow.geometry.bitmap_len)?;
     let got = image::read_full_at(&cow_file, &mut bitmap, cow.geometry.bitmap_offset)
@@ -256,7 +320,33 @@ pub fn run(args: Args) -> Outcome {
     }
     fs::write(&marker, marker_text(&backing, cow.header.size))
         .map_err(|e| format!("{}: cannot write: {e}", marker.display()))?;
-    let sectors = copy_runs(&cow, cow_file.clone(), backing_file.clone(), &bitmap)?;
+    let copy = copy_runs(&cow, cow_file.clone(), backing_file.clone(), &bitmap)?;
+    if let Some(why) = copy.stopped {
+        if !copy.wrote && resuming.is_none() {
+            let _ = fs::remove_file(&marker);
+            return Err(
+                format!("{why}: nothing was written; the backing file is unchanged").into(),
+            );
+        }
+        // Record the mtime the backing file is left with, so that running
+        // the commit again finishes it only if nothing else changed it.
+        let left = backing_file
+            .sync_all()
+            .and_then(|()| backing_file.metadata())
+            .map(|m| m.mtime());
+        if let Ok(mtime) = left {
+            let text = format!(
+                "{}left mtime: {mtime}\n",
+                marker_text(&backing, cow.header.size)
+            );
+            let _ = fs::write(&marker, text);
+        }
+        return Err(format!(
+            "{why}: the backing file is partly merged; run `ubd commit` again to finish"
+        )
+        .into());
+    }
+    let sectors = copy.sectors;
     // Every other overlay over this file must now be refused. UML compares
     // whole seconds: if the commit fell within the recorded second, move the
     // mtime on by one.
@@ -278,7 +368,7 @@ pub fn run(args: Args) -> Outcome {
     } else if args.reset {
         image::create_overlay(&args.file, &backing, true)?;
         "reset"
-    } else if image::resolve(&cow.header.backing_file).is_ok_and(|b| b == backing) {
+    } else if same_file(&cow.header.backing_file, &backing) {
         "stale"
     } else {
         // Committed into another file (--backing): the overlay's own backing
