@@ -30,8 +30,10 @@ const IN_FLIGHT: usize = 8;
 /// overlay itself is then stale too: --discard-overlay deletes it, --reset
 /// turns it into an empty overlay over the new backing file.
 ///
-/// If the commit is interrupted (Ctrl-C, a crash), run it again: it finishes
-/// the same way. A file `COW.commit` marks a commit in progress.
+/// If the commit is interrupted (Ctrl-C, an error, a crash), run it again:
+/// it finishes the same way. A file `COW.commit` marks a commit in progress;
+/// after Ctrl-C or an error it records the mtime the backing file was left
+/// with, and the commit goes on only if the file still has it.
 ///
 /// Examples:
 ///   ubd commit vm.cow
