@@ -359,6 +359,11 @@ fn commit_takes_a_last_sector_cut_at_the_backing_files_end() {
     dev.close().unwrap();
     drop(dev);
     assert!(expect != fs::read(&base).unwrap());
+    // Block status and convert take it too.
+    run(ubd().arg("map").arg(&cow));
+    let out_img = dir.path().join("out.img");
+    run(ubd().arg("convert").arg(&cow).arg(&out_img));
+    assert!(fs::read(&out_img).unwrap()[..size] == expect[..]);
     run(ubd().arg("commit").arg(&cow));
     assert!(fs::read(&base).unwrap() == expect);
     assert!(!PathBuf::from(format!("{}.commit", cow.display())).exists());

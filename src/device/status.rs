@@ -54,7 +54,9 @@ impl Worker {
                     Some(len) => len,
                     None => *overlay_len.insert(self.main.metadata().map_err(io_errno)?.len()),
                 };
-                if base + run_end > len {
+                // The file may end with the backing file's data, inside
+                // the last sector.
+                if base + run_end.min(cow.backing_len) > len {
                     tracing::error!(
                         "{}: bytes {}..{} are marked written but the file ends at {} \
                          (truncated?)",
