@@ -235,6 +235,11 @@ fn bad_option_magic_and_unknown_client_flags_close_the_connection() {
 }
 
 #[test]
+fn a_failed_set_meta_context_leaves_no_context_selected() {
+    hostile_case("failed_set_meta_context", &[], WHOLE);
+}
+
+#[test]
 fn unknown_commands_get_einval_and_the_connection_goes_on() {
     hostile_case("unknown_commands", &[], WHOLE);
 }

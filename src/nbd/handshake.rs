@@ -162,6 +162,11 @@ impl Negotiation<'_> {
             )?;
             return Ok(None);
         }
+        if option == opt::SET_META_CONTEXT {
+            // It replaces the contexts chosen before, even when it fails.
+            self.contexts = Contexts::default();
+            self.contexts_for = None;
+        }
         let parsed = match parse_option(option, data) {
             Ok(parsed) => parsed,
             Err(e) if option == super::codec::opt::EXPORT_NAME => {
@@ -310,17 +315,14 @@ impl Negotiation<'_> {
         Ok(Some(export))
     }
 
-    /// Answers `LIST_META_CONTEXT` (`set` false) or `SET_META_CONTEXT`.
+    /// Answers `LIST_META_CONTEXT` (`set` false) or `SET_META_CONTEXT`
+    /// (the caller has cleared the contexts chosen before).
     fn meta(
         &mut self,
         option: u32,
         req: MetaContextRequest<'_>,
         set: bool,
     ) -> Result<(), HandshakeError> {
-        if set {
-            self.contexts = Contexts::default();
-            self.contexts_for = None;
-        }
         if self.style == Style::Simple {
             let msg = "metadata contexts need structured replies first";
             return self.error(option, rep::ERR_INVALID, msg);

@@ -364,6 +364,44 @@ def case_bad_option_magic(ctx):
     still_serves(ctx, "bad option magic")
 
 
+def case_failed_set_meta_context(ctx):
+    # proto.md: SET_META_CONTEXT "replaces all previously-set metadata
+    # contexts (including when this command fails)". So base:allocation,
+    # then a SET_META_CONTEXT that fails, leaves no context: BLOCK_STATUS
+    # is then EINVAL.
+    truncated = Conn.meta_data(b"", [])[:-4] + struct.pack(">I", 1)
+    failing = (
+        ("a truncated query list", truncated, R.REP_ERR_INVALID),
+        ("a 5000-byte query", Conn.meta_data(b"", [b"base:" + b"q" * 5000]), R.REP_ERR_TOO_BIG),
+        ("a query that is not UTF-8", Conn.meta_data(b"", [b"base:\xff\xfe"]), R.REP_ERR_INVALID),
+        ("an unknown export", Conn.meta_data(b"no-such-export", [b"base:allocation"]), R.REP_ERR_UNKNOWN),
+    )
+    for extended in (False, True):
+        kind = "extended" if extended else "structured"
+        for what, data, want in failing:
+            c = Conn(ctx.sock)
+            c.greet()
+            if extended:
+                c.negotiate_extended()
+            else:
+                c.negotiate_structured()
+            c.set_meta([b"base:allocation"])
+            if list(c.contexts.values()) != [b"base:allocation"]:
+                fail("%s: SET_META_CONTEXT base:allocation selected %r" % (kind, c.contexts))
+            rep, _ = c.option(R.OPT_SET_META_CONTEXT, data)
+            expect_rep(rep, want, "%s: SET_META_CONTEXT with %s after base:allocation" % (kind, what))
+            c.go()
+            r = c.cmd(R.CMD_BLOCK_STATUS, 0, 65536)
+            if r.block_status:
+                fail("%s: BLOCK_STATUS after a failed SET_META_CONTEXT (%s) answered contexts %r"
+                     % (kind, what, [cid for cid, _ in r.block_status]))
+            expect_errno(r, R.EINVAL, "%s: BLOCK_STATUS after a failed SET_META_CONTEXT (%s)" % (kind, what))
+            ctx.expect_data(c, 0, 4096, "%s: READ after the refused BLOCK_STATUS" % kind)
+            c.disc()
+            c.close()
+    still_serves(ctx, "failed SET_META_CONTEXT")
+
+
 # --------------------------------------------------------------------------
 # Transmission phase
 # --------------------------------------------------------------------------
