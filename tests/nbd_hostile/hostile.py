@@ -185,6 +185,15 @@ def case_unknown_options(ctx):
         log("ok: ABORT -> closed without ACK")
     c.close()
 
+    # ABORT with data: proto.md says the server MUST reply ACK and SHOULD
+    # ignore the data; then the session ends.
+    c = Conn(ctx.sock)
+    c.greet()
+    c.send_opt(R.OPT_ABORT, b"unexpected abort data")
+    rep, _ = c.read_opt_reply(R.OPT_ABORT)
+    expect_rep(rep, R.REP_ACK, "ABORT with 21 data bytes")
+    expect_closed(c, "after ABORT with data")
+
     # EXPORT_NAME for an unknown export: the server can only close.
     c = Conn(ctx.sock)
     c.greet()

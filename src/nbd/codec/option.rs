@@ -230,7 +230,8 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption<'_>, Option
     };
     match option {
         opt::EXPORT_NAME => string(option, "export name", data).map(ClientOption::ExportName),
-        opt::ABORT => no_data(ClientOption::Abort),
+        // proto.md: the server should ignore data sent with ABORT.
+        opt::ABORT => Ok(ClientOption::Abort),
         opt::LIST => no_data(ClientOption::List),
         opt::STARTTLS => no_data(ClientOption::StartTls),
         opt::STRUCTURED_REPLY => no_data(ClientOption::StructuredReply),
@@ -394,7 +395,6 @@ mod tests {
     #[test]
     fn options_without_data() {
         for (option, parsed) in [
-            (opt::ABORT, ClientOption::Abort),
             (opt::LIST, ClientOption::List),
             (opt::STARTTLS, ClientOption::StartTls),
             (opt::STRUCTURED_REPLY, ClientOption::StructuredReply),
@@ -405,6 +405,12 @@ mod tests {
             assert_eq!(err, OptionError::UnexpectedData { option, len: 1 });
             assert_eq!(err.reply_type(), rep::ERR_INVALID);
         }
+    }
+
+    #[test]
+    fn abort_ignores_its_data() {
+        assert_eq!(parse_option(opt::ABORT, &[]), Ok(ClientOption::Abort));
+        assert_eq!(parse_option(opt::ABORT, b"junk"), Ok(ClientOption::Abort));
     }
 
     #[test]
