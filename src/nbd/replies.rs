@@ -241,7 +241,9 @@ impl Replies {
         let len = len as usize;
         if !p.req.contiguous {
             let mark = out.mark();
-            let mut head = ChunkHead::new(self.chunk_style(), p.req.cookie, off);
+            // An extended header carries the request's offset; the chunk's
+            // own offset field, the piece's.
+            let mut head = ChunkHead::new(self.chunk_style(), p.req.cookie, p.req.offset);
             if last {
                 head = head.done();
             }
@@ -307,7 +309,7 @@ impl Replies {
         tracing::warn!(cookie = p.req.cookie, "{msg}");
         if !p.req.contiguous {
             let mark = out.mark();
-            let mut head = ChunkHead::new(self.chunk_style(), p.req.cookie, off);
+            let mut head = ChunkHead::new(self.chunk_style(), p.req.cookie, p.req.offset);
             if last {
                 head = head.done();
             }

@@ -94,6 +94,17 @@ struct Current {
     piece_size: u64,
 }
 
+/// A request refused before it reached the device, answered once its
+/// payload (if any) has been skipped.
+struct Refused {
+    cookie: u64,
+    command: u16,
+    /// The request's offset: extended reply headers carry it.
+    offset: u64,
+    error: u32,
+    message: &'static str,
+}
+
 /// One connection's transmission phase, driven by the device's worker.
 struct NbdConn {
     style: Style,
@@ -112,9 +123,8 @@ struct NbdConn {
     read_owed: u64,
     /// The server is shutting down: new requests get ESHUTDOWN.
     stopping: bool,
-    /// A refusal (cookie, command, error, message) sent once the request's
-    /// payload has been skipped.
-    refused: Option<(u64, u16, u32, &'static str)>,
+    /// A refusal sent once the request's payload has been skipped.
+    refused: Option<Refused>,
     /// A request was refused with ESHUTDOWN: the client knows, and is to
     /// send DISC (the connection stays until it does, or the server cuts
     /// it).
@@ -200,13 +210,19 @@ impl NbdConn {
     /// read past: a client may not take a reply for a request it is still
     /// sending (libnbd finds no such cookie in flight).
     fn refuse_after_payload(&mut self, req: &codec::Request, error: u32, message: &'static str) {
-        self.refused = Some((req.cookie, req.command, error, message));
+        self.refused = Some(Refused {
+            cookie: req.cookie,
+            command: req.command,
+            offset: req.offset,
+            error,
+            message,
+        });
     }
 
     /// Answers a request at once, with no device request behind it.
     fn now(&self, out: &mut SendBuf, req: &codec::Request, error: u32, message: &str) {
         self.replies
-            .status(out, req.cookie, req.command, 0, error, message);
+            .status(out, req.cookie, req.command, req.offset, error, message);
     }
 
     /// Reads one request header and decides what it needs.
@@ -409,8 +425,9 @@ impl Protocol for NbdConn {
     }
 
     fn skipped(&mut self, out: &mut SendBuf) {
-        if let Some((cookie, command, error, message)) = self.refused.take() {
-            self.replies.status(out, cookie, command, 0, error, message);
+        if let Some(r) = self.refused.take() {
+            self.replies
+                .status(out, r.cookie, r.command, r.offset, r.error, r.message);
         }
     }
 

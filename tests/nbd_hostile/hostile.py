@@ -1255,6 +1255,21 @@ def case_extended_headers(ctx):
     ):
         expect_errno(c.cmd(R.CMD_READ, off, n), want, "extended: " + what)
     expect_errno(c.cmd(42, 0, 4096), R.EINVAL, "extended: unknown command")
+    # Every reply header carries the request's offset (rawnbd checks it);
+    # these come from different places in the server.
+    ctx.expect_data(c, 4096, 16 * MiB, "extended: a 16 MiB READ at 4096, cut into pieces")
+    r = c.cmd(R.CMD_READ, 4096, 16 * MiB, R.CF_DF)
+    if r.error or bytes(r.data) != ctx.base[4096 : 4096 + 16 * MiB]:
+        fail("extended: a 16 MiB READ at 4096 with DF: %r" % r)
+    expect_errno(c.cmd(42, 12345, 4096), R.EINVAL, "extended: unknown command at offset 12345")
+    expect_errno(c.cmd(R.CMD_READ, 8192, 0), (0, R.EINVAL), "extended: zero-length READ at 8192")
+    expect_errno(c.cmd(R.CMD_FLUSH, 0, 0, 1 << 9), R.EINVAL, "extended: FLUSH with unknown flag bit 9")
+    expect_errno(
+        c.cmd(R.CMD_WRITE, 4096, 512, R.CF_REQ_ONE, b"\x77" * 512), R.EINVAL, "extended: WRITE at 4096 with REQ_ONE"
+    )
+    r = c.cmd(R.CMD_BLOCK_STATUS, 20480, 65536)
+    expect_errno(r, 0, "extended: BLOCK_STATUS at 20480")
+    log("ok: extended: every reply header carried its request's offset")
     expect_errno(c.cmd(R.CMD_WRITE_ZEROES, U64 - 4096, 8192), R.ENOSPC, "extended: WRITE_ZEROES wrapping past 2^64")
     expect_errno(
         c.cmd(R.CMD_WRITE, ctx.size - 512, 1024, 0, b"\x77" * 1024), R.ENOSPC, "extended: WRITE straddling the end"

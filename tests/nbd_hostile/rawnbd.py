@@ -457,6 +457,12 @@ class Conn:
             raise ProtocolError("reply chunk claims %d payload bytes" % plen)
         payload = self.recv_exact(plen)
         cmd, length, offset = self.pending[cookie]
+        if coff is not None and coff != offset:
+            # The extension: the header's offset "MUST match the request".
+            raise ProtocolError(
+                "extended reply chunk type %d for %s cookie %d carries offset %d, not the request's %d"
+                % (rtype, CMD_NAMES.get(cmd, cmd), cookie, coff, offset)
+            )
         r = self.partial.get(cookie)
         if r is None:
             r = self.partial[cookie] = Reply(cookie, cmd, length, offset)
