@@ -240,6 +240,11 @@ fn a_failed_set_meta_context_leaves_no_context_selected() {
 }
 
 #[test]
+fn list_meta_context_replies_carry_context_id_0() {
+    hostile_case("list_meta_context", &[], WHOLE);
+}
+
+#[test]
 fn unknown_commands_get_einval_and_the_connection_goes_on() {
     hostile_case("unknown_commands", &[], WHOLE);
 }

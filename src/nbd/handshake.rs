@@ -232,19 +232,28 @@ impl Negotiation<'_> {
                     return Ok(Some(self.session(export)));
                 }
             }
-            ClientOption::StructuredReply => {
-                if self.style == Style::Simple {
+            ClientOption::StructuredReply => match self.style {
+                Style::Simple => {
                     self.style = Style::Structured;
                     out::put_ack(&mut self.out, option);
                     self.send()?;
-                } else {
+                }
+                Style::Structured => {
                     self.error(
                         option,
                         rep::ERR_INVALID,
                         "structured replies are already on",
                     )?;
                 }
-            }
+                // The extension's answer: no going back from extended headers.
+                Style::Extended => {
+                    self.error(
+                        option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers are on; they stay on",
+                    )?;
+                }
+            },
             ClientOption::ExtendedHeaders => {
                 if self.style == Style::Extended {
                     self.error(option, rep::ERR_INVALID, "extended headers are already on")?;
@@ -343,6 +352,8 @@ impl Negotiation<'_> {
                 .fold(Contexts::default(), Contexts::union)
         };
         for (id, name) in chosen.list() {
+            // proto.md: LIST's context ids are reserved, and should be 0.
+            let id = if set { id } else { 0 };
             // Our own context names are valid NBD strings.
             let _ = out::put_meta_context(&mut self.out, option, id, name);
         }

@@ -411,6 +411,48 @@ def case_failed_set_meta_context(ctx):
     still_serves(ctx, "failed SET_META_CONTEXT")
 
 
+def case_list_meta_context(ctx):
+    # proto.md: in LIST_META_CONTEXT replies "the metadata context ID ... is
+    # reserved and SHOULD be set to zero"; SET_META_CONTEXT gives real ones.
+    for extended in (False, True):
+        kind = "extended" if extended else "structured"
+        c = Conn(ctx.sock)
+        c.greet()
+        if extended:
+            c.negotiate_extended()
+        else:
+            c.negotiate_structured()
+        for queries, want in (
+            ([], [b"base:allocation", b"qemu:allocation-depth"]),
+            ([b"base:"], [b"base:allocation"]),
+            ([b"qemu:allocation-depth"], [b"qemu:allocation-depth"]),
+        ):
+            rep, replies = c.option(R.OPT_LIST_META_CONTEXT, Conn.meta_data(b"", queries))
+            expect_rep(rep, R.REP_ACK, "%s: LIST_META_CONTEXT %r" % (kind, queries))
+            listed = []
+            for t, data in replies:
+                if t != R.REP_META_CONTEXT:
+                    fail("%s: LIST_META_CONTEXT sent a %s reply" % (kind, rep_name(t)))
+                (cid,) = struct.unpack(">I", data[:4])
+                if cid != 0:
+                    fail("%s: LIST_META_CONTEXT %r listed %r with context id %d, not 0" % (kind, queries, data[4:], cid))
+                listed.append(data[4:])
+            if sorted(listed) != want:
+                fail("%s: LIST_META_CONTEXT %r listed %r, expected %r" % (kind, queries, listed, want))
+            log("ok: %s: LIST_META_CONTEXT %r listed %r, each with id 0" % (kind, queries, listed))
+        chosen = c.set_meta([b"base:allocation", b"qemu:allocation-depth"])
+        if sorted(chosen.values()) != [b"base:allocation", b"qemu:allocation-depth"] or 0 in chosen:
+            fail("%s: SET_META_CONTEXT chose %r" % (kind, chosen))
+        c.go()
+        r = c.cmd(R.CMD_BLOCK_STATUS, 0, 65536)
+        expect_errno(r, 0, "%s: BLOCK_STATUS after LIST and SET_META_CONTEXT" % kind)
+        if sorted(cid for cid, _ in r.block_status) != sorted(chosen):
+            fail("%s: BLOCK_STATUS answered contexts %r, chosen %r" % (kind, r.block_status, chosen))
+        c.disc()
+        c.close()
+    still_serves(ctx, "LIST_META_CONTEXT")
+
+
 # --------------------------------------------------------------------------
 # Transmission phase
 # --------------------------------------------------------------------------
@@ -1228,6 +1270,10 @@ def case_extended_headers(ctx):
     c.greet()
     c.negotiate_extended()
     log("ok: EXTENDED_HEADERS -> ACK")
+    # The extension: a server that cannot go back to structured replies
+    # answers ERR_EXT_HEADER_REQD; extended headers stay on.
+    rep, _ = c.option(R.OPT_STRUCTURED_REPLY)
+    expect_rep(rep, R.REP_ERR_EXT_HEADER_REQD, "extended: STRUCTURED_REPLY after EXTENDED_HEADERS")
     c.set_meta([b"base:allocation"])
     c.go()
     if c.size != ctx.size:
