@@ -327,6 +327,11 @@ fn disc_with_requests_in_flight_finishes_them_first() {
 }
 
 #[test]
+fn disc_with_any_flags_is_a_disconnect_without_a_reply() {
+    hostile_case("disc_with_flags", &[], WHOLE);
+}
+
+#[test]
 fn extended_headers_work_and_qemu_nbd_lists_the_export() {
     let fx = Fixture::new();
     let server = fx.serve(&[]);

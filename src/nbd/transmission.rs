@@ -246,6 +246,14 @@ impl NbdConn {
             }
         };
         let (cookie, command, offset, len) = (req.cookie, req.command, req.offset, req.length);
+        if command == cmd::DISC {
+            // No reply, whatever its flags, length or payload: the client is
+            // leaving. What it sent before is answered first.
+            return Step::Close {
+                consumed: hlen,
+                why: None,
+            };
+        }
         // Bytes of payload that follow the header.
         let payload = match command {
             cmd::WRITE => len,
@@ -267,7 +275,7 @@ impl NbdConn {
             // bound. (READ data, in pool chunks, has its budget below.)
             return Step::Wait;
         }
-        if self.stopping && command != cmd::DISC {
+        if self.stopping {
             tracing::debug!(cookie, command, offset, len, "refused: shutting down");
             self.refuse_after_payload(&req, errno::ESHUTDOWN, "the server is shutting down");
             self.told_of_stop = true;
@@ -286,12 +294,6 @@ impl NbdConn {
             };
         }
         let command_kind = match command {
-            cmd::DISC => {
-                return Step::Close {
-                    consumed: hlen,
-                    why: None,
-                };
-            }
             cmd::READ => Command::Read,
             cmd::WRITE => Command::Write,
             cmd::FLUSH => Command::Flush,

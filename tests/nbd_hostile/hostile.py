@@ -1265,6 +1265,58 @@ def case_disc_in_flight(ctx):
     still_serves(ctx, "DISC with requests in flight")
 
 
+def case_disc_with_flags(ctx):
+    # proto.md: "There is no reply to an NBD_CMD_DISC". A DISC carrying a
+    # flag it has no use for is still a disconnect: the WRITE sent before it
+    # is finished, and the server closes without a reply to the DISC. The
+    # client shuts its side after the DISC, so a server that answered the
+    # DISC and read on sees EOF and closes: nothing waits on a time-out.
+    off = 13 * MiB
+    cases = (
+        ("simple", {}, R.CF_REQ_ONE, 0),
+        ("structured", {"structured": True}, 1 << 9, 0),
+        ("extended", {"extended": True}, R.CF_REQ_ONE | R.CF_DF, 0),
+        ("extended", {"extended": True}, R.CF_PAYLOAD_LEN, 1 << 40),
+    )
+    for i, (kind, how, flags, length) in enumerate(cases):
+        what = "%s: DISC with flags 0x%x and length %d" % (kind, flags, length)
+        c = R.connect_go(ctx.sock, **how)
+        data = pattern(200 + i, 65536)
+        k, d = c.cookie(), c.cookie()
+        c.pending[k] = (R.CMD_WRITE, len(data), off + i * 65536)
+        # Tracked only so that a reply to it can be read and reported.
+        c.pending[d] = (R.CMD_DISC, length, 0)
+        c.send(
+            c.request_bytes(R.CMD_WRITE, off + i * 65536, len(data), 0, k)
+            + data
+            + c.request_bytes(R.CMD_DISC, 0, length, flags, d)
+        )
+        c.shut_wr()
+        got = {}
+        try:
+            while True:
+                r = c.wait_any()
+                got[r.cookie] = r
+        except Closed:
+            pass
+        c.close()
+        if d in got:
+            fail("%s: the server answered the DISC: %r" % (what, got[d]))
+        if k in got:
+            expect_errno(got[k], 0, "%s: the WRITE sent before the DISC" % kind)
+        log("ok: %s -> closed, no reply to the DISC" % what)
+    c = R.connect_go(ctx.sock)
+    for i in range(len(cases)):
+        if c.read(off + i * 65536, 65536) != pattern(200 + i, 65536):
+            fail("the WRITE sent before DISC %d did not land" % i)
+    log("ok: every WRITE sent before a DISC with flags landed")
+    # Put back the base data for the checks that follow.
+    c.write(off, ctx.base[off : off + len(cases) * 65536])
+    c.disc()
+    c.close()
+    still_serves(ctx, "DISC with flags")
+
+
 def case_extended_headers(ctx):
     c = Conn(ctx.sock)
     c.greet()
