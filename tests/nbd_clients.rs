@@ -2196,3 +2196,82 @@ fn no_copy_up_keeps_the_overlay_to_the_written_sectors() {
         f.finish();
     }
 }
+
+#[test]
+fn printed_uris_are_percent_encoded_and_nbdinfo_connects_with_them() {
+    // Export names and a socket path with characters that mean something in
+    // a URI (`?`, `#`, `%`, `=`, `&`) or may not appear in one (space, `"`).
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("a dir #1 ?%");
+    fs::create_dir(&odd).unwrap();
+    let one = dir.path().join("one.img");
+    let two = dir.path().join("two.img");
+    run(ubd().arg("create").arg(&one).arg("1M"));
+    run(ubd().arg("create").arg(&two).arg("2M"));
+    let socket = odd.join("s&o=ck \"x\".sock");
+    let pid_file = dir.path().join("ubd.pid");
+    let names = ["x?y%z#w", "disk one/é"];
+    let out = output(
+        Command::new("timeout")
+            .arg("30")
+            .arg(ubd_bin())
+            .arg("serve")
+            .arg("--export")
+            .arg(format!("{}={}", names[0], s(&one)))
+            .arg("--export")
+            .arg(format!("{}={}", names[1], s(&two)))
+            .args(["--fork", "--socket", s(&socket), "--pid-file", s(&pid_file)])
+            .args(["--log-file", s(&dir.path().join("ubd.log"))]),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ubd serve --fork: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: u32 = fs::read_to_string(&pid_file)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("the pid file holds a pid");
+    let uris: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.rsplit_once(" at ").map(|(_, uri)| uri))
+        .collect();
+    let mut seen = Vec::new();
+    for (uri, size) in uris.iter().zip([M, 2 * M]) {
+        let text = output(nbdinfo().arg("--json").arg(uri));
+        let info: Option<Value> = serde_json::from_slice(&text.stdout).ok();
+        let export = info.as_ref().map(|i| &i["exports"][0]);
+        seen.push(format!(
+            "{uri}: {} {}",
+            text.status,
+            String::from_utf8_lossy(&text.stderr).trim()
+        ));
+        if let Some(export) = export.filter(|_| text.status.success()) {
+            assert_eq!(export["export-size"].as_u64(), Some(size), "{uri}");
+            seen.push(format!("  export-name {}", export["export-name"]));
+        }
+    }
+    signal(pid, "TERM");
+    let start = Instant::now();
+    while fs::metadata(format!("/proc/{pid}")).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server outlived SIGTERM by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let want: Vec<String> = names
+        .iter()
+        .map(|n| format!("  export-name {}", Value::from(*n)))
+        .collect();
+    let got: Vec<&String> = seen.iter().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(
+        got,
+        want.iter().collect::<Vec<_>>(),
+        "nbdinfo with the printed URIs:\n{}\nstdout of ubd serve:\n{stdout}",
+        seen.join("\n")
+    );
+}

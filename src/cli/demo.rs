@@ -48,7 +48,7 @@ pub fn run(args: Args) -> Outcome {
     if args.fresh || !cow.exists() {
         ubd::image::create_overlay(&cow, &base, true)?;
     }
-    let uri = format!("nbd+unix:///?socket={}", socket.display());
+    let uri = ubd::nbd::uri::unix(false, &socket, "");
     let mnt = dir.join("mnt");
     let mut banner = String::new();
     let _ = writeln!(

@@ -403,12 +403,7 @@ fn serve_on(
     let tls_required = matches!(plan.tls.as_ref().map(|t| t.mode()), Some(TlsMode::Require));
     for l in listeners {
         for export in exports.iter() {
-            let uri = l.uri(tls_required);
-            let uri = if export.name.is_empty() {
-                uri
-            } else {
-                export_uri(&uri, &export.name)
-            };
+            let uri = l.uri(tls_required, &export.name);
             let what = match export.name.as_str() {
                 "" => "the default export".to_string(),
                 name => format!("export {name:?}"),
@@ -432,12 +427,4 @@ fn serve_on(
         plan.tls.clone(),
     )?;
     Ok(())
-}
-
-/// The URI of export `name` on the listener whose default-export URI is `uri`.
-fn export_uri(uri: &str, name: &str) -> String {
-    match uri.split_once(":///") {
-        Some((scheme, rest)) => format!("{scheme}:///{name}{rest}"),
-        None => format!("{}{name}", uri.trim_end_matches('/').to_string() + "/"),
-    }
 }

@@ -20,6 +20,7 @@
 //!   transmission phase go on unchanged.
 //! - [`server`]: listeners, a thread per connection for the handshake (which
 //!   then waits for the connection's end), and shutdown.
+//! - [`uri`]: the NBD URIs printed for the exports.
 //!
 //! Nothing below this module knows NBD exists (see `docs/design.md`).
 
@@ -31,3 +32,4 @@ pub mod server;
 pub mod stream;
 pub mod tls;
 pub mod transmission;
+pub mod uri;

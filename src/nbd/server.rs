@@ -174,10 +174,9 @@ impl Listener {
         Ok(Some(listeners))
     }
 
-    /// Where clients reach it, as an NBD URI (default export); `tls`: the
+    /// Where clients reach export `export` on it, as an NBD URI; `tls`: the
     /// connection must use TLS (the `nbds` schemes).
-    pub fn uri(&self, tls: bool) -> String {
-        let s = if tls { "s" } else { "" };
+    pub fn uri(&self, tls: bool, export: &str) -> String {
         match self {
             Listener::Unix { listener, path } => {
                 let path = path
@@ -189,12 +188,11 @@ impl Listener {
                             .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                     })
                     .unwrap_or_default();
-                format!("nbd{s}+unix:///?socket={}", path.display())
+                super::uri::unix(tls, &path, export)
             }
             Listener::Tcp(l) => match l.local_addr() {
-                Ok(a) if a.is_ipv6() => format!("nbd{s}://[{}]:{}/", a.ip(), a.port()),
-                Ok(a) => format!("nbd{s}://{a}/"),
-                Err(_) => format!("nbd{s}://?"),
+                Ok(a) => super::uri::tcp(tls, a, export),
+                Err(_) => format!("nbd{}://?", if tls { "s" } else { "" }),
             },
         }
     }
