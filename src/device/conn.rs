@@ -257,6 +257,11 @@ impl ConnCx<'_> {
         self.out
     }
 
+    /// Bytes of the buffer pool free now.
+    pub fn pool_free(&self) -> u64 {
+        (self.pool.free_chunks() * self.pool.chunk_size()) as u64
+    }
+
     /// Reply bytes queued or being sent, not yet taken by the socket.
     pub fn unsent(&self) -> usize {
         self.unsent + self.out.bytes()

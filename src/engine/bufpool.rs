@@ -297,6 +297,11 @@ impl BufPool {
         self.inner.fail_ordinary.load(Ordering::Relaxed)
     }
 
+    /// Chunks free now.
+    pub fn free_chunks(&self) -> usize {
+        self.inner.state().free.len()
+    }
+
     pub fn stats(&self) -> PoolStats {
         let st = self.inner.state();
         PoolStats {

@@ -307,16 +307,18 @@ impl NbdConn {
             self.now(cx.out(), &req, 0, "");
             return Step::Consumed(hlen);
         }
-        let unsent = cx.unsent() as u64;
-        if command == cmd::READ
-            && (self.read_owed > 0 || unsent > 0)
-            && self.read_owed + unsent + len > self.read_budget
-        {
+        let held = self.read_owed + cx.unsent() as u64;
+        if command == cmd::READ && held > 0 {
             // Leave the header until replies have gone out. Data read and
             // not yet taken by the socket counts: a client that does not
-            // read its replies holds no more than the budget. (With nothing
-            // owed or unsent, one READ goes ahead whatever its size.)
-            return Step::Wait;
+            // read its replies holds no more than the budget, nor more than
+            // half of what is free and what it holds, so that k such
+            // clients leave at least 1/2^k of the pool to the others. (With
+            // nothing owed or unsent, one READ goes ahead whatever its size.)
+            let cap = self.read_budget.min((cx.pool_free() + held) / 2);
+            if held + len > cap {
+                return Step::Wait;
+            }
         }
         let data = matches!(command_kind, Command::Read | Command::Write);
         let pieces = if data {

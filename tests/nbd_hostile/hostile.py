@@ -16,6 +16,7 @@ failure.
 
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -905,10 +906,11 @@ def case_stalled_clients(ctx):
 def case_unread_replies(ctx):
     # Clients that send many large READs and never read the replies: the
     # server's writes to them block. That must not hold up other connections
-    # (nbd.md: one client's bad input never affects another connection). One
-    # such client keeps within its share of the pool; when three together
-    # hold all of it, the server cuts those that took no reply for 10 s, and
-    # the well-behaved client waiting for memory gets it.
+    # (nbd.md: one client's bad input never affects another connection). Each
+    # such client holds at most half of what the others leave free, so three
+    # of them leave an eighth of the pool: the well-behaved client is served
+    # while they are still connected, not once the server cuts them (after
+    # 10 s without a reply taken).
     hogs = []
     for _ in range(3):
         hog = R.connect_go(ctx.sock)
@@ -934,6 +936,16 @@ def case_unread_replies(ctx):
         fail(
             "while 3 clients had up to 256 x 1 MiB READ replies unread each, a well-behaved "
             "client's request got no reply (starved until they go away)"
+        )
+    # A client the server has cut polls POLLHUP (the server closed it).
+    poller = select.poll()
+    for hog in hogs:
+        poller.register(hog.sock, select.POLLIN)
+    cut = [fd for fd, ev in poller.poll(0) if ev & (select.POLLHUP | select.POLLERR)]
+    if cut:
+        fail(
+            "%d of the clients with unread replies were cut before the well-behaved client "
+            "was served: it waited for the cut" % len(cut)
         )
     # shutdown() wakes a flooder's blocked send; close() alone would not.
     for hog in hogs:
