@@ -1771,6 +1771,71 @@ fn socket_activation_serves_the_inherited_socket() {
     f.finish();
 }
 
+/// Puts one end of a socket pair (a connection, as systemd passes with
+/// Accept=yes) at fd 3 and execs `ubd serve ARGS...` as activated.
+const ACTIVATE_CONNECTED: &str = r#"
+import os, socket, sys
+ubd = sys.argv[1]
+a, b = socket.socketpair()
+os.dup2(a.fileno(), 3)
+os.set_inheritable(3, True)
+env = dict(os.environ, LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execve(ubd, [ubd, "serve"] + sys.argv[2:], env)
+"#;
+
+/// A socket passed by activation that is not listening (a connection) is
+/// refused at start, with a message saying what to pass.
+#[test]
+fn socket_activation_refuses_a_socket_that_is_not_listening() {
+    let f = fixture();
+    let out = output(
+        Command::new("timeout")
+            .args(["-k", "5", "20"])
+            .arg("/usr/bin/python3")
+            .arg("-c")
+            .arg(ACTIVATE_CONNECTED)
+            .arg(ubd_bin())
+            .arg(&f.overlay),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a listening stream socket"), "{err}");
+    f.finish();
+}
+
+/// A server that fails to start after it made its Unix socket (a TCP port
+/// in use, a pid file it cannot write) removes the socket file.
+#[test]
+fn a_server_that_fails_to_start_leaves_no_socket_file() {
+    let f = fixture();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let socket = f.path("failed.sock");
+    for extra in [
+        vec!["--port", port.as_str()],
+        vec!["--pid-file", "/nonexistent/dir/ubd.pid"],
+    ] {
+        let out = output(
+            Command::new("timeout")
+                .args(["-k", "5", "60"])
+                .arg(ubd_bin())
+                .arg("serve")
+                .arg(&f.overlay)
+                .arg("--socket")
+                .arg(&socket)
+                .args(&extra),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(
+            !socket.exists(),
+            "{extra:?}: the socket file is left: {err}"
+        );
+    }
+    drop(busy);
+    f.finish();
+}
+
 // ---------------------------------------------------------------------------
 // 8. Durability across connections, a small pool, names, --backing, a
 // partial last sector, and SIGTERM under load.

@@ -81,7 +81,8 @@ impl InProcess {
         let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
-            server::run(&exports, &[listener], &s, 16, None).expect("the server failed");
+            server::run(&exports, &[listener], &s, 16, server::HANDSHAKE_LIMIT, None)
+                .expect("the server failed");
         });
         InProcess {
             stop,

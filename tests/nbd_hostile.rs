@@ -294,6 +294,11 @@ fn clients_stalled_mid_handshake_header_or_payload_hold_up_no_one() {
 }
 
 #[test]
+fn a_handshake_that_takes_too_long_in_all_is_closed() {
+    hostile_case("slow_handshake", &["--handshake-limit", "2"], WHOLE);
+}
+
+#[test]
 fn clients_that_never_read_their_replies_hold_up_no_one() {
     let out = hostile_case("unread_replies", &[], WHOLE);
     assert!(

@@ -157,7 +157,17 @@ fn steady_state_nbd_requests_do_not_allocate() {
     let stop = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).unwrap());
     let server = {
         let stop = stop.clone();
-        std::thread::spawn(move || server::run(&exports, &[listener], &stop, 4, None).unwrap())
+        std::thread::spawn(move || {
+            server::run(
+                &exports,
+                &[listener],
+                &stop,
+                4,
+                server::HANDSHAKE_LIMIT,
+                None,
+            )
+            .unwrap()
+        })
     };
     // Reads, writes (some not sector-aligned) and flushes for 8 s; the
     // middle 4 s are counted.

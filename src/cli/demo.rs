@@ -87,6 +87,7 @@ pub fn run(args: Args) -> Outcome {
         device: DeviceOptions::default(),
         pid_file: None,
         max_connections: 64,
+        handshake_limit: ubd::nbd::server::HANDSHAKE_LIMIT,
         fail_alloc: false,
         banner: Some(banner),
         tls: None,

@@ -89,6 +89,10 @@ pub struct Args {
     /// Clients connected at once, at most.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// Seconds a client may take over its whole handshake before it is
+    /// disconnected (0: no limit).
+    #[arg(long, value_name = "SECONDS", default_value_t = server::HANDSHAKE_LIMIT.as_secs())]
+    handshake_limit: u64,
     /// Microseconds the server polls for the next completion before it
     /// sleeps, while clients have had at most two requests in flight lately
     /// (a client at queue depth 1 then gets its reply without a thread
@@ -139,6 +143,7 @@ pub struct Plan {
     pub device: DeviceOptions,
     pub pid_file: Option<PathBuf>,
     pub max_connections: usize,
+    pub handshake_limit: std::time::Duration,
     /// Switch on the buffer pool's fault injection on every export.
     pub fail_alloc: bool,
     /// Printed on stdout once clients can connect (after the URIs).
@@ -226,6 +231,7 @@ pub fn run(args: Args) -> Outcome {
         },
         pid_file: args.pid_file,
         max_connections: args.max_connections.max(1),
+        handshake_limit: std::time::Duration::from_secs(args.handshake_limit),
         fail_alloc: args.fail_alloc,
         banner: None,
         tls,
@@ -424,6 +430,7 @@ fn serve_on(
         listeners,
         stop,
         plan.max_connections,
+        plan.handshake_limit,
         plan.tls.clone(),
     )?;
     Ok(())

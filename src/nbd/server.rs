@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{Shutdown, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
-use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getsockname};
+use nix::sys::socket::{
+    AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
+};
 use thiserror::Error;
 
 use super::export::Exports;
@@ -31,8 +34,12 @@ use super::stream::{Input, Stream};
 use super::tls::Tls;
 use super::transmission::{self, End};
 
-/// How long a client may take over the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take over its whole handshake, by default.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(60);
+/// After an accept error that would repeat at once (out of descriptors),
+/// how long the listeners rest, and how often the error is logged.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// At shutdown, how long a client told of it (ESHUTDOWN) gets to send DISC
 /// before nothing more is read from it.
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -66,10 +73,12 @@ pub enum ServerError {
 /// A listening socket.
 #[derive(Debug)]
 pub enum Listener {
-    /// `path` is removed at shutdown when we created it.
+    /// `path` is removed at shutdown, or when the listener is dropped, if
+    /// we created it and it is still ours (`file`: its device and inode).
     Unix {
         listener: UnixListener,
         path: Option<PathBuf>,
+        file: Option<(u64, u64)>,
     },
     Tcp(TcpListener),
 }
@@ -104,9 +113,13 @@ impl Listener {
             what: "cannot listen",
             source,
         })?;
+        let file = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         Ok(Listener::Unix {
             listener,
             path: Some(path.to_path_buf()),
+            file,
         })
     }
 
@@ -155,10 +168,20 @@ impl Listener {
                 .ok_or_else(|| ServerError::Activation(format!("fd {fd} is not open")))?;
             let addr = getsockname::<SockaddrStorage>(owned.as_raw_fd())
                 .map_err(|e| ServerError::Activation(format!("fd {fd} is not a socket: {e}")))?;
+            // A listening stream socket (systemd's Accept=no), not a
+            // connection or a datagram socket.
+            let stream = getsockopt(&owned, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+            let listening = getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false);
+            if !stream || !listening {
+                return Err(ServerError::Activation(format!(
+                    "fd {fd} is not a listening stream socket (with systemd, Accept=no)"
+                )));
+            }
             let listener = match addr.family() {
                 Some(AddressFamily::Unix) => Listener::Unix {
                     listener: UnixListener::from(owned),
                     path: None,
+                    file: None,
                 },
                 Some(AddressFamily::Inet | AddressFamily::Inet6) => {
                     Listener::Tcp(TcpListener::from(owned))
@@ -178,7 +201,7 @@ impl Listener {
     /// connection must use TLS (the `nbds` schemes).
     pub fn uri(&self, tls: bool, export: &str) -> String {
         match self {
-            Listener::Unix { listener, path } => {
+            Listener::Unix { listener, path, .. } => {
                 let path = path
                     .clone()
                     .or_else(|| {
@@ -222,19 +245,36 @@ impl Listener {
         }
     }
 
-    /// Removes the socket file we created.
+    /// Removes the socket file we created, unless another has replaced it
+    /// (a server started after this one stopped listening).
     fn remove(&self) {
-        if let Listener::Unix { path: Some(p), .. } = self {
-            let _ = std::fs::remove_file(p);
+        if let Listener::Unix {
+            path: Some(p),
+            file: Some(id),
+            ..
+        } = self
+        {
+            let ours = std::fs::symlink_metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == *id);
+            if ours {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 }
 
+impl Drop for Listener {
+    /// A server that fails after it started listening (a second listener,
+    /// the pid file) leaves no socket file behind.
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// The live connections, so shutdown can reach their sockets; each with
-/// whether it is past its handshake.
+/// the time its handshake must end by, while it is in it.
 #[derive(Default)]
 struct Registry {
-    streams: Mutex<HashMap<u64, (Stream, bool)>>,
+    streams: Mutex<HashMap<u64, (Stream, Option<Instant>)>>,
 }
 
 impl Registry {
@@ -248,15 +288,34 @@ impl Registry {
     /// Ends the connections still in their handshake.
     fn shutdown_handshakes(&self) {
         let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        for (s, _) in streams.values().filter(|(_, serving)| !serving) {
+        for (s, _) in streams.values().filter(|(_, by)| by.is_some()) {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+
+    /// Ends the handshakes that ran past their time; returns when the next
+    /// one still going does.
+    fn cut_slow_handshakes(&self, now: Instant) -> Option<Instant> {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut next: Option<Instant> = None;
+        for (id, (s, by)) in streams.iter_mut() {
+            match *by {
+                Some(t) if t <= now => {
+                    tracing::info!(id, peer = %s.peer(), "handshake took too long: closing");
+                    let _ = s.shutdown(Shutdown::Both);
+                    *by = None;
+                }
+                Some(t) => next = Some(next.map_or(t, |n| n.min(t))),
+                None => {}
+            }
+        }
+        next
     }
 
     fn serving(&self, id: u64) {
         let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = streams.get_mut(&id) {
-            entry.1 = true;
+            entry.1 = None;
         }
     }
 
@@ -286,12 +345,14 @@ impl Drop for Entry {
 
 /// Serves `exports` on `listeners` until `stop` is signalled, then drains
 /// every connection. Accepts at most `max_connections` at once (more are
-/// closed at once, with a log line).
+/// closed at once, with a log line); a connection still in its handshake
+/// after `handshake_limit` is closed.
 pub fn run(
     exports: &Exports,
     listeners: &[Listener],
     stop: &EventFd,
     max_connections: usize,
+    handshake_limit: Duration,
     tls: Option<Arc<Tls>>,
 ) -> Result<(), ServerError> {
     for l in listeners {
@@ -300,13 +361,32 @@ pub fn run(
     let registry = Arc::new(Registry::default());
     let ids = AtomicU64::new(0);
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut resting = false;
+    let mut accept_failed: Option<Instant> = None;
     let result = loop {
+        let now = Instant::now();
+        let next_cut = registry.cut_slow_handshakes(now);
+        // Resting after an accept error: the listeners are not polled.
         let mut fds: Vec<PollFd<'_>> = listeners
             .iter()
+            .filter(|_| !resting)
             .map(|l| PollFd::new(l.fd(), PollFlags::POLLIN))
             .collect();
         fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
-        match poll(&mut fds, PollTimeout::NONE) {
+        let wake = match (resting, next_cut) {
+            (true, Some(t)) => Some(t.min(now + ACCEPT_BACKOFF)),
+            (true, None) => Some(now + ACCEPT_BACKOFF),
+            (false, t) => t,
+        };
+        let timeout = match wake {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let ms = t.saturating_duration_since(now).as_millis() + 1;
+                PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        resting = false;
+        match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => break Err(ServerError::Poll(e.into())),
@@ -320,7 +400,7 @@ pub fn run(
         }
         let ready: Vec<bool> = fds
             .iter()
-            .take(listeners.len())
+            .take(fds.len() - 1)
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);
@@ -329,8 +409,17 @@ pub fn run(
             let stream = match l.accept() {
                 Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // The client went before it was accepted.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    tracing::warn!("accepting a connection: {e}");
+                    // Out of descriptors or memory: the listener stays
+                    // readable, so rest rather than spin, and say so now
+                    // and then.
+                    if accept_failed.is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY) {
+                        tracing::warn!("accepting a connection: {e}; trying again shortly");
+                        accept_failed = Some(Instant::now());
+                    }
+                    resting = true;
                     continue;
                 }
             };
@@ -342,7 +431,15 @@ pub fn run(
                 continue;
             }
             let id = ids.fetch_add(1, Ordering::Relaxed);
-            match spawn_connection(id, stream, exports.clone(), registry.clone(), tls.clone()) {
+            let by = (!handshake_limit.is_zero()).then(|| Instant::now() + handshake_limit);
+            match spawn_connection(
+                id,
+                stream,
+                by,
+                exports.clone(),
+                registry.clone(),
+                tls.clone(),
+            ) {
                 Ok(t) => threads.push(t),
                 Err(e) => tracing::error!("cannot start a connection thread: {e}"),
             }
@@ -397,6 +494,7 @@ const CONN_STACK: usize = 128 * 1024;
 fn spawn_connection(
     id: u64,
     stream: Stream,
+    handshake_by: Option<Instant>,
     exports: Exports,
     registry: Arc<Registry>,
     tls: Option<Arc<Tls>>,
@@ -406,7 +504,7 @@ fn spawn_connection(
         .streams
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, (handle, false));
+        .insert(id, (handle, handshake_by));
     let spawned = std::thread::Builder::new()
         .name(format!("ubd-nbd-{id}"))
         .stack_size(CONN_STACK)
@@ -431,7 +529,6 @@ fn spawn_connection(
 fn connection(entry: &Entry, stream: Stream, exports: &Exports, tls: Option<&Tls>) {
     let id = entry.id;
     let peer = stream.peer();
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let mut input = Input::new(stream);
     let label = format!("{id} ({peer})");
     let session = match handshake::negotiate(&mut input, exports, tls, &label) {
@@ -447,7 +544,6 @@ fn connection(entry: &Entry, stream: Stream, exports: &Exports, tls: Option<&Tls
             return;
         }
     };
-    let _ = input.stream().set_read_timeout(None);
     entry.registry.serving(id);
     tracing::info!(
         id,

@@ -903,6 +903,39 @@ def case_stalled_clients(ctx):
     still_serves(ctx, "stalled clients went away")
 
 
+def case_slow_handshake(ctx):
+    # A client that sends its handshake a byte at a time, each well within
+    # any per-read time-out, may not hold its connection (and a slot of
+    # --max-connections) for ever: the server is run with
+    # --handshake-limit 2 and closes it once the whole handshake took that
+    # long.
+    c = Conn(ctx.sock)
+    c.recv_exact(18)
+    c.send(struct.pack(">I", R.FLAG_FIXED_NEWSTYLE | R.FLAG_NO_ZEROES))
+    # LIST after LIST, each sent a byte at a time and answered.
+    trickle = struct.pack(">QII", R.IHAVEOPT, R.OPT_LIST, 0)
+    start = time.monotonic()
+    closed = None
+    for i in range(60):
+        try:
+            c.sock.sendall(trickle[i % len(trickle) : i % len(trickle) + 1])
+            r, _, _ = select.select([c.sock], [], [], 0.5)
+            if r and not c.sock.recv(4096, socket.MSG_PEEK):
+                closed = "EOF"
+                break
+            if r:
+                # The LIST reply: the handshake goes on; read it.
+                c.sock.recv(4096)
+        except OSError as e:
+            closed = str(e)
+            break
+    if closed is None:
+        fail("a handshake sent a byte every 0.5 s was still open after %.0f s" % (time.monotonic() - start))
+    log("ok: a slow handshake was closed after %.1f s (%s)" % (time.monotonic() - start, closed))
+    c.close()
+    still_serves(ctx, "a slow handshake")
+
+
 def case_unread_replies(ctx):
     # Clients that send many large READs and never read the replies: the
     # server's writes to them block. That must not hold up other connections
