@@ -125,7 +125,8 @@ fn the_demo_banner_commands_work_as_printed() {
     use std::io::{BufRead, BufReader};
 
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("demo");
+    // A path with characters special to URIs and to the shell.
+    let dir = tmp.path().join("a demo #1");
     let mut child = start_demo(&dir, Stdio::null());
     let mut banner = Vec::new();
     let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
@@ -169,7 +170,7 @@ fn the_demo_banner_commands_work_as_printed() {
     // nbdfuse runs in the background of the printed lines: the script ends
     // it by unmounting its directory, and waits for it.
     let script = format!(
-        "{}\n{}\nstatus=$?\numount {root}\nfusermount3 -u {mnt} || umount {mnt}\nwait\nexit $status",
+        "{}\n{}\nstatus=$?\numount '{root}'\nfusermount3 -u '{mnt}' || umount '{mnt}'\nwait\nexit $status",
         commands[2],
         commands[3],
         root = root.display(),

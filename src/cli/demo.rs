@@ -71,12 +71,15 @@ pub fn run(args: Args) -> Outcome {
     } else {
         ("sudo -b nbdfuse", "", "sudo mount")
     };
+    let root = dir.join("root");
     let _ = writeln!(
         banner,
-        "  mkdir -p {m} {r} && {fuse} {m}/disk '{uri}'{bg}\n  \
-         sleep 1 && {mount} -o loop {m}/disk {r} && cat {r}/README.txt",
-        m = mnt.display(),
-        r = dir.join("root").display()
+        "  mkdir -p {m} {r} && {fuse} {disk} '{uri}'{bg}\n  \
+         sleep 1 && {mount} -o loop {disk} {r} && cat {readme}",
+        m = sh_quote(&mnt),
+        r = sh_quote(&root),
+        disk = sh_quote(&mnt.join("disk")),
+        readme = sh_quote(&root.join("README.txt")),
     );
     let _ = write!(banner, "Press Ctrl-C to stop.");
     serve(Plan {
@@ -94,6 +97,18 @@ pub fn run(args: Args) -> Outcome {
         fork: false,
         log_file: None,
     })
+}
+
+/// `path` as one shell word: as it is if nothing in it is special to the
+/// shell, else in single quotes.
+fn sh_quote(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%=".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.into_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
 }
 
 /// Builds the demo's ext4 base image from a few generated files.
