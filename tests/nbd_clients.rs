@@ -718,6 +718,23 @@ fn nbdinfo_json_and_can_report_every_advertised_flag() {
     f.finish();
 }
 
+/// One file given for two exports is refused at once, naming both (each
+/// export would open its own device over it).
+#[test]
+fn one_file_for_two_exports_is_refused_naming_both() {
+    let f = fixture();
+    let a = format!("a={}", s(&f.overlay));
+    let b = format!("b={}", s(&f.overlay));
+    let (code, err) =
+        common::server::serve_refused(&f.path("twice.sock"), &["--export", &a, "--export", &b]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the same file is given for exports \"a\" and \"b\""),
+        "{err}"
+    );
+    f.finish();
+}
+
 #[test]
 fn nbdinfo_list_names_every_export_and_each_serves_its_own_file() {
     let f = fixture();

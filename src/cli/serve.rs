@@ -308,9 +308,21 @@ pub fn serve(plan: Plan) -> Outcome {
         None
     };
     let mut names = std::collections::HashSet::new();
+    let mut files = std::collections::HashMap::new();
     for (name, file) in &plan.exports {
         if !names.insert(name.as_str()) {
             return Err(format!("export name {name:?} is given twice").into());
+        }
+        // One file, two exports: each would have its own device over it.
+        if let Ok(m) = std::fs::metadata(file) {
+            use std::os::unix::fs::MetadataExt;
+            if let Some(other) = files.insert((m.dev(), m.ino()), name.as_str()) {
+                return Err(format!(
+                    "{}: the same file is given for exports {other:?} and {name:?}",
+                    file.display()
+                )
+                .into());
+            }
         }
         if name.len() > 4096 || name.contains('\0') {
             return Err(format!("{}: export name too long or with a NUL", file.display()).into());
