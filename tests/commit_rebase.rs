@@ -210,6 +210,38 @@ fn two_overlays(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (base, a, b)
 }
 
+/// Whether process `pid` has `path` open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    let want = fs::canonicalize(path).unwrap();
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .any(|e| fs::read_link(e.path()).is_ok_and(|p| p == want))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits until `ubd commit` (process `pid`) waits for the lock on `base`:
+/// it opens the backing file to lock it only after its first checks, and
+/// holds it open while it waits (seen twice, 50 ms apart).
+fn wait_for_lock_wait(pid: u32, base: &Path) {
+    let start = std::time::Instant::now();
+    loop {
+        if has_open(pid, base) {
+            std::thread::sleep(Duration::from_millis(50));
+            if has_open(pid, base) {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "ubd commit never waited for the lock on {}",
+            base.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// `ubd commit` started while the backing file is locked, interrupted
 /// while it waits.
 fn commit_interrupted_while_waiting(cow: &Path, base: &Path) -> std::process::Output {
@@ -221,7 +253,7 @@ fn commit_interrupted_while_waiting(cow: &Path, base: &Path) -> std::process::Ou
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_lock_wait(child.id(), base);
     common::server::signal(child.id(), "INT");
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -244,7 +276,7 @@ fn commit_checks_the_backing_file_again_once_it_holds_the_lock() {
         .spawn()
         .unwrap();
     // What another commit would leave: a new mtime.
-    std::thread::sleep(Duration::from_millis(300));
+    wait_for_lock_wait(child.id(), &base);
     set_mtime(&base, mtime(&base) + 10);
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -291,14 +323,19 @@ fn an_interrupted_commit_resumes_only_over_what_it_left() {
     uml_moo_in_place(&cow2, &reference);
     let marker = PathBuf::from(format!("{}.commit", cow.display()));
     let mut part_way = false;
-    for delay_ms in [15u64, 30, 50, 80] {
-        let child = Command::new(common::ubd_bin())
+    for delay_ms in [0u64, 5, 15, 30] {
+        let mut child = Command::new(common::ubd_bin())
             .arg("commit")
             .arg(&cow)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // The marker is written just before the copy starts (and after
+        // the interrupt handler is in place).
+        while !marker.exists() && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         common::server::signal(child.id(), "INT");
         let out = child.wait_with_output().unwrap();
@@ -330,6 +367,45 @@ fn an_interrupted_commit_resumes_only_over_what_it_left() {
     assert!(fs::read(&base).unwrap() == fs::read(&reference).unwrap());
     assert!(!marker.exists());
     eprintln!("interrupted part way: {part_way}");
+}
+
+/// The marker a commit stopped part way leaves (as `ubd commit` writes it):
+/// run again, the commit goes on only while the backing file has the mtime
+/// the marker records, and then finishes as one that ran through.
+#[test]
+fn a_commit_marker_with_a_left_mtime_resumes_only_over_that_mtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cow) = overlay(dir.path(), 1 << 20, 0);
+    let reference = dir.path().join("reference.img");
+    let cow2 = dir.path().join("cow2.img");
+    copy_keep_mtime(&base, &reference);
+    copy_keep_mtime(&cow, &cow2);
+    uml_moo_in_place(&cow2, &reference);
+    // A commit that wrote something, then was interrupted.
+    let left = mtime(&base) + 100;
+    set_mtime(&base, left);
+    let marker = PathBuf::from(format!("{}.commit", cow.display()));
+    fs::write(
+        &marker,
+        format!(
+            "ubd commit in progress\nbacking: {}\nsize: {}\nleft mtime: {left}\n",
+            fs::canonicalize(&base).unwrap().display(),
+            1 << 20
+        ),
+    )
+    .unwrap();
+    // Something else changed the file since.
+    set_mtime(&base, left + 1);
+    let out = output(ubd().arg("commit").arg(&cow));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("since the interrupted commit"), "{stderr}");
+    assert!(marker.exists());
+    // As the interrupted commit left it.
+    set_mtime(&base, left);
+    run(ubd().arg("commit").arg(&cow));
+    assert!(fs::read(&base).unwrap() == fs::read(&reference).unwrap());
+    assert!(!marker.exists());
 }
 
 /// An overlay whose file ends with the backing file's data, inside its last

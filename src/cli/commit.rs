@@ -116,22 +116,28 @@ struct Copy {
 }
 
 /// Copies the present runs of `cow` into `backing`.
-fn copy_runs(
-    cow: &CowImage,
-    cow_file: Arc<File>,
-    backing: Arc<File>,
-    bitmap: &[u8],
-) -> Result<Copy, Box<dyn std::error::Error>> {
+fn copy_runs(cow: &CowImage, cow_file: Arc<File>, backing: Arc<File>, bitmap: &[u8]) -> Copy {
     let g = &cow.geometry;
     let size = cow.header.size;
     let bits = Bitmap::new(bitmap, g.mapped_sectors());
     let total = bits.count_present();
-    let progress = Progress::new(total * 512, "commit");
-    let mut ring: Ring<AlignedBuf> = Ring::new(64, IN_FLIGHT, vec![cow_file, backing], 0, None)?;
+    let failed = |why: String| Copy {
+        sectors: total,
+        wrote: false,
+        stopped: Some(why),
+    };
+    let mut ring: Ring<AlignedBuf> =
+        match Ring::new(64, IN_FLIGHT, vec![cow_file, backing], 0, None) {
+            Ok(ring) => ring,
+            Err(e) => return failed(format!("cannot set up io_uring: {e}")),
+        };
     for slot in 0..IN_FLIGHT as u32 {
-        let buf = AlignedBuf::new(PIECE as usize, 4096).ok_or("out of memory")?;
+        let Some(buf) = AlignedBuf::new(PIECE as usize, 4096) else {
+            return failed("out of memory for copy buffers".to_string());
+        };
         let _ = ring.attach(slot, buf);
     }
+    let progress = Progress::new(total * 512, "commit");
     let piece_sectors = PIECE / 512;
     let mut runs = bits.runs(0..g.sectors).filter(|r| r.present);
     let mut current: Option<(u64, u64)> = None;
@@ -171,7 +177,11 @@ fn copy_runs(
             break;
         }
         let mut done = Vec::new();
-        ring.run(true, &mut |c| done.push(c))?;
+        if let Err(e) = ring.run(true, &mut |c| done.push(c)) {
+            // Nothing more completes: what was written stays written.
+            first_error.get_or_insert(format!("io_uring: {e}"));
+            break;
+        }
         for c in done {
             let slot = c.op.buf.map_or(0, |b| b.slot);
             let start = c.tag >> 1;
@@ -222,11 +232,11 @@ fn copy_runs(
     }
     progress.finish();
     let stopped = first_error.or_else(|| interrupted().then(|| "interrupted".to_string()));
-    Ok(Copy {
+    Copy {
         sectors: total,
         wrote,
         stopped,
-    })
+    }
 }
 
 /// Whether two paths name the same file (symlinks followed).
@@ -322,7 +332,7 @@ pub fn run(args: Args) -> Outcome {
     }
     fs::write(&marker, marker_text(&backing, cow.header.size))
         .map_err(|e| format!("{}: cannot write: {e}", marker.display()))?;
-    let copy = copy_runs(&cow, cow_file.clone(), backing_file.clone(), &bitmap)?;
+    let copy = copy_runs(&cow, cow_file.clone(), backing_file.clone(), &bitmap);
     if let Some(why) = copy.stopped {
         if !copy.wrote && resuming.is_none() {
             let _ = fs::remove_file(&marker);

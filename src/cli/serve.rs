@@ -313,8 +313,11 @@ pub fn serve(plan: Plan) -> Outcome {
         if !names.insert(name.as_str()) {
             return Err(format!("export name {name:?} is given twice").into());
         }
-        // One file, two exports: each would have its own device over it.
-        if let Ok(m) = std::fs::metadata(file) {
+        // One file, two writable exports: each would have its own device
+        // over it (read-only, they share it, as two servers may).
+        if !plan.device.read_only
+            && let Ok(m) = std::fs::metadata(file)
+        {
             use std::os::unix::fs::MetadataExt;
             if let Some(other) = files.insert((m.dev(), m.ino()), name.as_str()) {
                 return Err(format!(

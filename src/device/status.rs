@@ -57,14 +57,17 @@ impl Worker {
                 // The file may end with the backing file's data, inside
                 // the last sector.
                 if base + run_end.min(cow.backing_len) > len {
-                    tracing::error!(
-                        "{}: bytes {}..{} are marked written but the file ends at {} \
-                         (truncated?)",
-                        self.main_path().display(),
-                        base + at,
-                        base + run_end,
-                        len
-                    );
+                    if let Some(quiet) = self.fail_log.allow() {
+                        tracing::error!(
+                            "{}: bytes {}..{} are marked written but the file ends at {} \
+                             (truncated?){}",
+                            self.main_path().display(),
+                            base + at,
+                            base + run_end,
+                            len,
+                            super::worker::LogEvery::more(quiet)
+                        );
+                    }
                     return Err(Errno::EIO);
                 }
                 holes(

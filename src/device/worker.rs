@@ -231,6 +231,9 @@ pub struct Worker {
     pub(super) main_len: u64,
     /// The files' paths, by file index, for error messages.
     paths: Vec<std::path::PathBuf>,
+    /// Failed ops are logged at most once a second (a client can repeat a
+    /// failing request as fast as it likes).
+    pub(super) fail_log: LogEvery,
     /// The main file takes direct I/O.
     pub(super) main_direct: bool,
     pub(super) cow: Option<Cow>,
@@ -423,6 +426,7 @@ impl Worker {
             main: img.main.file,
             main_len: img.main.len,
             paths,
+            fail_log: LogEvery::default(),
             main_direct: img.main.direct,
             cow,
             capacity: img.capacity,
@@ -770,22 +774,23 @@ impl Worker {
     /// the file and offset.
     fn check(&self, c: &Completion) -> Result<(), i32> {
         let op = &c.op;
-        let path = || {
-            self.paths
-                .get(op.file)
-                .map_or_else(String::new, |p| p.display().to_string())
-        };
+        let path = self
+            .paths
+            .get(op.file)
+            .map_or_else(String::new, |p| p.display().to_string());
         let done = match c.result {
             Ok(done) => done,
             Err(e) => {
-                tracing::warn!(
-                    "{}: {:?} of {} bytes at offset {} failed: {}",
-                    path(),
-                    op.kind,
-                    op.len,
-                    op.offset,
-                    Errno::from_raw(e)
-                );
+                if let Some(quiet) = self.fail_log.allow() {
+                    tracing::warn!(
+                        "{path}: {:?} of {} bytes at offset {} failed: {}{}",
+                        op.kind,
+                        op.len,
+                        op.offset,
+                        Errno::from_raw(e),
+                        LogEvery::more(quiet)
+                    );
+                }
                 return Err(e);
             }
         };
@@ -802,14 +807,16 @@ impl Worker {
         if op.offset + done >= file_len {
             return Ok(());
         }
-        tracing::error!(
-            "{}: read of {} bytes at offset {} ended after {} bytes: the file is \
-             shorter than the data it should hold (truncated?)",
-            path(),
-            op.len,
-            op.offset,
-            done
-        );
+        if let Some(quiet) = self.fail_log.allow() {
+            tracing::error!(
+                "{path}: read of {} bytes at offset {} ended after {} bytes: the file is \
+                 shorter than the data it should hold (truncated?){}",
+                op.len,
+                op.offset,
+                done,
+                LogEvery::more(quiet)
+            );
+        }
         Err(libc::EIO)
     }
 
@@ -926,6 +933,39 @@ impl Drop for Worker {
     /// request the worker will not finish. The ring (a field) drains after.
     fn drop(&mut self) {
         self.fail_everything(Errno::EIO);
+    }
+}
+
+/// A log line at most once a second, counting the ones left out.
+#[derive(Default)]
+pub(super) struct LogEvery {
+    last: std::cell::Cell<Option<std::time::Instant>>,
+    quiet: std::cell::Cell<u64>,
+}
+
+impl LogEvery {
+    /// `Some(lines left out since the last)` if a line may go out now.
+    pub(super) fn allow(&self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .get()
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            self.quiet.set(self.quiet.get() + 1);
+            return None;
+        }
+        self.last.set(Some(now));
+        Some(self.quiet.replace(0))
+    }
+
+    /// The note a line carries for the ones left out before it.
+    pub(super) fn more(quiet: u64) -> String {
+        if quiet == 0 {
+            String::new()
+        } else {
+            format!(" ({quiet} more failures not logged)")
+        }
     }
 }
 

@@ -270,11 +270,18 @@ impl Drop for Listener {
     }
 }
 
-/// The live connections, so shutdown can reach their sockets; each with
-/// the time its handshake must end by, while it is in it.
+/// Where a connection is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// In its handshake, which must end by then (if there is a limit).
+    Handshake(Option<Instant>),
+    Serving,
+}
+
+/// The live connections, so shutdown can reach their sockets.
 #[derive(Default)]
 struct Registry {
-    streams: Mutex<HashMap<u64, (Stream, Option<Instant>)>>,
+    streams: Mutex<HashMap<u64, (Stream, Phase)>>,
 }
 
 impl Registry {
@@ -288,7 +295,10 @@ impl Registry {
     /// Ends the connections still in their handshake.
     fn shutdown_handshakes(&self) {
         let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        for (s, _) in streams.values().filter(|(_, by)| by.is_some()) {
+        for (s, _) in streams
+            .values()
+            .filter(|(_, phase)| *phase != Phase::Serving)
+        {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -298,15 +308,16 @@ impl Registry {
     fn cut_slow_handshakes(&self, now: Instant) -> Option<Instant> {
         let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
         let mut next: Option<Instant> = None;
-        for (id, (s, by)) in streams.iter_mut() {
-            match *by {
-                Some(t) if t <= now => {
+        for (id, (s, phase)) in streams.iter_mut() {
+            match *phase {
+                Phase::Handshake(Some(t)) if t <= now => {
                     tracing::info!(id, peer = %s.peer(), "handshake took too long: closing");
                     let _ = s.shutdown(Shutdown::Both);
-                    *by = None;
+                    // Closed: no need to look at it again.
+                    *phase = Phase::Handshake(None);
                 }
-                Some(t) => next = Some(next.map_or(t, |n| n.min(t))),
-                None => {}
+                Phase::Handshake(Some(t)) => next = Some(next.map_or(t, |n| n.min(t))),
+                Phase::Handshake(None) | Phase::Serving => {}
             }
         }
         next
@@ -315,7 +326,7 @@ impl Registry {
     fn serving(&self, id: u64) {
         let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = streams.get_mut(&id) {
-            entry.1 = None;
+            entry.1 = Phase::Serving;
         }
     }
 
@@ -431,7 +442,10 @@ pub fn run(
                 continue;
             }
             let id = ids.fetch_add(1, Ordering::Relaxed);
-            let by = (!handshake_limit.is_zero()).then(|| Instant::now() + handshake_limit);
+            // No limit when zero, or too far off to count.
+            let by = (!handshake_limit.is_zero())
+                .then(|| Instant::now().checked_add(handshake_limit))
+                .flatten();
             match spawn_connection(
                 id,
                 stream,
@@ -504,7 +518,7 @@ fn spawn_connection(
         .streams
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(id, (handle, handshake_by));
+        .insert(id, (handle, Phase::Handshake(handshake_by)));
     let spawned = std::thread::Builder::new()
         .name(format!("ubd-nbd-{id}"))
         .stack_size(CONN_STACK)
