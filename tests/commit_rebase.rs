@@ -48,6 +48,44 @@ fn overlay(dir: &Path, size: usize, bulk: usize) -> (PathBuf, PathBuf) {
     (base, cow)
 }
 
+/// The first `size` bytes of the device over `cow`, read-only.
+fn device_bytes(cow: &Path, size: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; size];
+    let dev = Device::open(
+        cow,
+        &DeviceOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    dev.read_at(0, &mut bytes).unwrap();
+    dev.close().unwrap();
+    bytes
+}
+
+/// What `uml_moo -d` makes of copies of `base` and `cow`: the reference a
+/// commit must equal.
+fn uml_moo_reference(dir: &Path, base: &Path, cow: &Path) -> PathBuf {
+    let reference = dir.join("reference.img");
+    let cow2 = dir.join("cow2.img");
+    copy_keep_mtime(base, &reference);
+    copy_keep_mtime(cow, &cow2);
+    uml_moo_in_place(&cow2, &reference);
+    reference
+}
+
+/// `ubd commit COW` started, its output piped.
+fn spawn_commit(cow: &Path) -> std::process::Child {
+    Command::new(common::ubd_bin())
+        .arg("commit")
+        .arg(cow)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Copies `from` to `to` keeping its mtime (as `cp -p` does).
 fn copy_keep_mtime(from: &Path, to: &Path) {
     run(Command::new("cp").arg("-p").arg(from).arg(to));
@@ -88,18 +126,7 @@ fn commit_of_a_ragged_size_never_grows_the_backing_file() {
     let dir = tempfile::tempdir().unwrap();
     let size = (1 << 20) + 300;
     let (base, cow) = overlay(dir.path(), size, 0);
-    let mut expect = vec![0u8; size];
-    let dev = Device::open(
-        &cow,
-        &DeviceOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    dev.read_at(0, &mut expect).unwrap();
-    dev.close().unwrap();
-    drop(dev);
+    let expect = device_bytes(&cow, size);
     let j: serde_json::Value =
         serde_json::from_str(&run(ubd().args(["commit", "--output", "json"]).arg(&cow))).unwrap();
     assert_eq!(j["overlay"], "stale");
@@ -116,11 +143,7 @@ fn commit_killed_and_run_again_equals_one_that_ran_through() {
     let dir = tempfile::tempdir().unwrap();
     // 48 MiB present: long enough to kill the commit part way.
     let (base, cow) = overlay(dir.path(), 64 << 20, 48 << 20);
-    let reference = dir.path().join("reference.img");
-    let cow2 = dir.path().join("cow2.img");
-    copy_keep_mtime(&base, &reference);
-    copy_keep_mtime(&cow, &cow2);
-    uml_moo_in_place(&cow2, &reference);
+    let reference = uml_moo_reference(dir.path(), &base, &cow);
     let mut killed_part_way = false;
     for delay_ms in [15u64, 40, 80] {
         let mut child = Command::new(common::ubd_bin())
@@ -246,13 +269,7 @@ fn wait_for_lock_wait(pid: u32, base: &Path) {
 /// while it waits.
 fn commit_interrupted_while_waiting(cow: &Path, base: &Path) -> std::process::Output {
     let mut holder = common::hold_posix_lock(base);
-    let child = Command::new(common::ubd_bin())
-        .arg("commit")
-        .arg(cow)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_commit(cow);
     wait_for_lock_wait(child.id(), base);
     common::server::signal(child.id(), "INT");
     holder.kill().unwrap();
@@ -268,13 +285,7 @@ fn commit_checks_the_backing_file_again_once_it_holds_the_lock() {
     let (base, cow) = overlay(dir.path(), 1 << 20, 0);
     let before = fs::read(&base).unwrap();
     let mut holder = common::hold_posix_lock(&base);
-    let child = Command::new(common::ubd_bin())
-        .arg("commit")
-        .arg(&cow)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_commit(&cow);
     // What another commit would leave: a new mtime.
     wait_for_lock_wait(child.id(), &base);
     set_mtime(&base, mtime(&base) + 10);
@@ -316,11 +327,7 @@ fn a_commit_interrupted_before_writing_leaves_nothing_to_resume() {
 fn an_interrupted_commit_resumes_only_over_what_it_left() {
     let dir = tempfile::tempdir().unwrap();
     let (base, cow) = overlay(dir.path(), 64 << 20, 48 << 20);
-    let reference = dir.path().join("reference.img");
-    let cow2 = dir.path().join("cow2.img");
-    copy_keep_mtime(&base, &reference);
-    copy_keep_mtime(&cow, &cow2);
-    uml_moo_in_place(&cow2, &reference);
+    let reference = uml_moo_reference(dir.path(), &base, &cow);
     let marker = PathBuf::from(format!("{}.commit", cow.display()));
     let mut part_way = false;
     for delay_ms in [0u64, 5, 15, 30] {
@@ -376,11 +383,7 @@ fn an_interrupted_commit_resumes_only_over_what_it_left() {
 fn a_commit_marker_with_a_left_mtime_resumes_only_over_that_mtime() {
     let dir = tempfile::tempdir().unwrap();
     let (base, cow) = overlay(dir.path(), 1 << 20, 0);
-    let reference = dir.path().join("reference.img");
-    let cow2 = dir.path().join("cow2.img");
-    copy_keep_mtime(&base, &reference);
-    copy_keep_mtime(&cow, &cow2);
-    uml_moo_in_place(&cow2, &reference);
+    let reference = uml_moo_reference(dir.path(), &base, &cow);
     // A commit that wrote something, then was interrupted.
     let left = mtime(&base) + 100;
     set_mtime(&base, left);
@@ -422,18 +425,7 @@ fn commit_takes_a_last_sector_cut_at_the_backing_files_end() {
     f.set_len(data_offset + size as u64).unwrap();
     drop(f);
     run(ubd().arg("check").arg(&cow));
-    let mut expect = vec![0u8; size];
-    let dev = Device::open(
-        &cow,
-        &DeviceOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    dev.read_at(0, &mut expect).unwrap();
-    dev.close().unwrap();
-    drop(dev);
+    let expect = device_bytes(&cow, size);
     assert!(expect != fs::read(&base).unwrap());
     // Block status and convert take it too.
     run(ubd().arg("map").arg(&cow));

@@ -1441,6 +1441,38 @@ fn pid_file_holds_the_pid_and_goes_at_exit() {
     f.finish();
 }
 
+/// Stops a forked server (not our child) with SIGTERM and waits until it
+/// is gone.
+fn stop_forked(pid: u32) {
+    signal(pid, "TERM");
+    let start = Instant::now();
+    while fs::metadata(format!("/proc/{pid}")).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server outlived SIGTERM by 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What `ubd serve --fork` printed, and the pid its pid file names, once
+/// the command succeeded.
+fn forked(out: &std::process::Output, pid_file: &Path) -> (String, u32) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ubd serve --fork: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid = fs::read_to_string(pid_file)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .expect("the pid file holds a pid once the command returned");
+    (stdout, pid)
+}
+
 #[test]
 fn fork_returns_once_serving_and_the_daemon_stops_on_sigterm() {
     let f = fixture();
@@ -1454,19 +1486,9 @@ fn fork_returns_once_serving_and_the_daemon_stops_on_sigterm() {
             .args(["serve", s(&f.overlay), "--fork", "--socket", s(&socket)])
             .args(["--pid-file", s(&pid_file), "--log-file", s(&log)]),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("serving the default export"),
-        "ubd serve --fork: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
     // Serving already, with no wait: the pid file and the socket are there.
-    let pid: u32 = fs::read_to_string(&pid_file)
-        .unwrap_or_default()
-        .trim()
-        .parse()
-        .expect("the pid file holds a pid once the command returned");
+    let (stdout, pid) = forked(&out, &pid_file);
+    assert!(stdout.contains("serving the default export"), "{stdout}");
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server runs");
     let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
     assert_eq!(
@@ -1484,15 +1506,7 @@ fn fork_returns_once_serving_and_the_daemon_stops_on_sigterm() {
         &want,
     );
 
-    signal(pid, "TERM");
-    let start = Instant::now();
-    while fs::metadata(format!("/proc/{pid}")).is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the server outlived SIGTERM by 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stop_forked(pid);
     assert!(
         !socket.exists() && !pid_file.exists(),
         "socket or pid file left behind"
@@ -2307,18 +2321,7 @@ fn printed_uris_are_percent_encoded_and_nbdinfo_connects_with_them() {
             .args(["--fork", "--socket", s(&socket), "--pid-file", s(&pid_file)])
             .args(["--log-file", s(&dir.path().join("ubd.log"))]),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "ubd serve --fork: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pid: u32 = fs::read_to_string(&pid_file)
-        .unwrap_or_default()
-        .trim()
-        .parse()
-        .expect("the pid file holds a pid");
+    let (stdout, pid) = forked(&out, &pid_file);
     let uris: Vec<&str> = stdout
         .lines()
         .filter_map(|l| l.rsplit_once(" at ").map(|(_, uri)| uri))
@@ -2338,15 +2341,7 @@ fn printed_uris_are_percent_encoded_and_nbdinfo_connects_with_them() {
             seen.push(format!("  export-name {}", export["export-name"]));
         }
     }
-    signal(pid, "TERM");
-    let start = Instant::now();
-    while fs::metadata(format!("/proc/{pid}")).is_ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the server outlived SIGTERM by 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    stop_forked(pid);
     let want: Vec<String> = names
         .iter()
         .map(|n| format!("  export-name {}", Value::from(*n)))

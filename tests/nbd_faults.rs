@@ -117,6 +117,20 @@ fn op(kind: &str, offset: u64, len: u64, seed: u64) -> String {
     format!("{kind}:{offset}:{len}:{seed}")
 }
 
+fn w(offset: u64, len: u64, seed: u64) -> String {
+    op("w", offset, len, seed)
+}
+
+fn r(offset: u64, len: u64, seed: u64) -> String {
+    op("r", offset, len, seed)
+}
+
+/// Runs `list` (ops and the answers they must get) on one connection.
+fn steps(socket: &Path, list: &[(String, &'static str)]) {
+    let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+    expect(socket, &v);
+}
+
 #[test]
 fn eio_from_below_fails_only_the_requests_that_met_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -141,19 +155,14 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
     );
     let server = InProcess::start(dir.path(), device.clone());
     let sock = server.socket.clone();
-    let (w, r) = (
-        |o, l, s| op("w", o, l, s),
-        |o: u64, l: u64, s: u64| op("r", o, l, s),
+    steps(
+        &sock,
+        &[
+            (w(M, 64 << 10, 11), "ok"),
+            ("f".into(), "ok"),
+            (r(M, 64 << 10, 11), "ok"),
+        ],
     );
-    let steps = |list: &[(String, &'static str)]| {
-        let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        expect(&sock, &v);
-    };
-    steps(&[
-        (w(M, 64 << 10, 11), "ok"),
-        ("f".into(), "ok"),
-        (r(M, 64 << 10, 11), "ok"),
-    ]);
 
     // The backing file fails reads over 4 MiB..4 MiB + 4 KiB.
     faults.add(Fault {
@@ -163,15 +172,18 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
         errno: libc::EIO,
         times: None,
     });
-    steps(&[
-        (r(4 * M, 4096, 5), "err EIO"),
-        (r(4 * M + 8192, 4096, 5), "ok"),
-        (r(M, 64 << 10, 11), "ok"),
-        (r(4 * M - 512, 1024, 5), "err EIO"),
-        (w(6 * M, 8192, 15), "ok"),
-    ]);
+    steps(
+        &sock,
+        &[
+            (r(4 * M, 4096, 5), "err EIO"),
+            (r(4 * M + 8192, 4096, 5), "ok"),
+            (r(M, 64 << 10, 11), "ok"),
+            (r(4 * M - 512, 1024, 5), "err EIO"),
+            (w(6 * M, 8192, 15), "ok"),
+        ],
+    );
     faults.clear();
-    steps(&[(r(4 * M, 4096, 5), "ok")]);
+    steps(&sock, &[(r(4 * M, 4096, 5), "ok")]);
 
     // The overlay fails writes of device bytes 2 MiB..2 MiB + 4 KiB.
     faults.add(Fault {
@@ -181,13 +193,16 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
         errno: libc::EIO,
         times: None,
     });
-    steps(&[
-        (w(2 * M, 4096, 12), "err EIO"),
-        (w(3 * M, 4096, 13), "ok"),
-        (r(3 * M, 4096, 13), "ok"),
-        // The failed write set no bit: the backing file's data still shows.
-        (r(2 * M, 4096, 5), "ok"),
-    ]);
+    steps(
+        &sock,
+        &[
+            (w(2 * M, 4096, 12), "err EIO"),
+            (w(3 * M, 4096, 13), "ok"),
+            (r(3 * M, 4096, 13), "ok"),
+            // The failed write set no bit: the backing file's data still shows.
+            (r(2 * M, 4096, 5), "ok"),
+        ],
+    );
     faults.clear();
 
     // One failing sync: that FLUSH fails, the next one succeeds.
@@ -198,11 +213,14 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
         errno: libc::EIO,
         times: Some(1),
     });
-    steps(&[
-        (w(5 * M, 4096, 14), "ok"),
-        ("f".into(), "err EIO"),
-        ("f".into(), "ok"),
-    ]);
+    steps(
+        &sock,
+        &[
+            (w(5 * M, 4096, 14), "ok"),
+            ("f".into(), "err EIO"),
+            ("f".into(), "ok"),
+        ],
+    );
     assert!(faults.hits() >= 4, "faults hit {} times", faults.hits());
 
     server.stop();
@@ -263,15 +281,7 @@ fn enospc_on_a_full_file_system_fails_the_write_and_keeps_the_rest() {
     create_overlay(&cow, &base, false).unwrap();
     let socket = dir.path().join("nbd.sock");
     let server = Server::start(&socket, &[cow.as_os_str()]);
-    let (w, r) = (
-        |o, l, s| op("w", o, l, s),
-        |o: u64, l: u64, s: u64| op("r", o, l, s),
-    );
-    let steps = |list: &[(String, &'static str)]| {
-        let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        expect(&socket, &v);
-    };
-    steps(&[(w(M, M, 21), "ok"), ("f".into(), "ok")]);
+    steps(&socket, &[(w(M, M, 21), "ok"), ("f".into(), "ok")]);
 
     // Fill the file system.
     let filler = small.0.join("filler");
@@ -281,16 +291,19 @@ fn enospc_on_a_full_file_system_fails_the_write_and_keeps_the_rest() {
         while f.write_all(&block).is_ok() {}
         let _ = f.sync_all();
     }
-    steps(&[
-        (w(4 * M, M, 22), "err ENOSPC"),
-        (r(M, M, 21), "ok"),
-        // Sectors the overlay holds are rewritten in place: no new space.
-        (w(M, 4096, 23), "ok"),
-        ("f".into(), "ok"),
-        (r(4 * M + M / 2, 4096, 5), "ok"),
-    ]);
+    steps(
+        &socket,
+        &[
+            (w(4 * M, M, 22), "err ENOSPC"),
+            (r(M, M, 21), "ok"),
+            // Sectors the overlay holds are rewritten in place: no new space.
+            (w(M, 4096, 23), "ok"),
+            ("f".into(), "ok"),
+            (r(4 * M + M / 2, 4096, 5), "ok"),
+        ],
+    );
     fs::remove_file(&filler).unwrap();
-    steps(&[(w(4 * M, 4096, 24), "ok"), ("f".into(), "ok")]);
+    steps(&socket, &[(w(4 * M, 4096, 24), "ok"), ("f".into(), "ok")]);
     let (status, stderr) = server.stop();
     assert!(status.success(), "ubd serve: {status}\n{stderr}");
 
@@ -321,20 +334,15 @@ fn a_truncated_overlay_fails_reads_of_what_it_lost() {
     let cow = dir.path().join("vm.cow");
     create_overlay(&cow, &base, false).unwrap();
     let socket = dir.path().join("nbd.sock");
-    let (w, r) = (
-        |o, l, s| op("w", o, l, s),
-        |o: u64, l: u64, s: u64| op("r", o, l, s),
-    );
-    let steps = |list: &[(String, &'static str)]| {
-        let v: Vec<(&str, &str)> = list.iter().map(|(a, b)| (a.as_str(), *b)).collect();
-        expect(&socket, &v);
-    };
     let server = Server::start(&socket, &[cow.as_os_str()]);
-    steps(&[
-        (w(0, 65536, 21), "ok"),
-        (w(4 * M, 65536, 22), "ok"),
-        ("f".into(), "ok"),
-    ]);
+    steps(
+        &socket,
+        &[
+            (w(0, 65536, 21), "ok"),
+            (w(4 * M, 65536, 22), "ok"),
+            ("f".into(), "ok"),
+        ],
+    );
     let (status, stderr) = server.stop();
     assert!(status.success(), "ubd serve: {status}\n{stderr}");
 
@@ -348,13 +356,16 @@ fn a_truncated_overlay_fails_reads_of_what_it_lost() {
         .unwrap();
 
     let server = Server::start(&socket, &[cow.as_os_str()]);
-    steps(&[
-        (r(0, 65536, 21), "ok"),
-        (r(4 * M, 65536, 22), "err EIO"),
-        (r(4 * M + 8192, 4096, 22), "err EIO"),
-        (r(4 * M, 4096, 22), "ok"),
-        (r(2 * M, 65536, 5), "ok"),
-    ]);
+    steps(
+        &socket,
+        &[
+            (r(0, 65536, 21), "ok"),
+            (r(4 * M, 65536, 22), "err EIO"),
+            (r(4 * M + 8192, 4096, 22), "err EIO"),
+            (r(4 * M, 4096, 22), "ok"),
+            (r(2 * M, 65536, 5), "ok"),
+        ],
+    );
     let (status, stderr) = server.stop();
     assert!(status.success(), "ubd serve: {status}\n{stderr}");
     let name = cow.to_str().unwrap();

@@ -112,6 +112,18 @@ def still_serves(ctx, what):
     log("ok: a fresh connection works after %s" % what)
 
 
+def negotiated(ctx, extended):
+    """A connection past its greeting, with extended headers or structured
+    replies negotiated."""
+    c = Conn(ctx.sock)
+    c.greet()
+    if extended:
+        c.negotiate_extended()
+    else:
+        c.negotiate_structured()
+    return c
+
+
 def libnbd_handle(ctx, strict=0):
     import nbd
 
@@ -389,12 +401,7 @@ def case_failed_set_meta_context(ctx):
     for extended in (False, True):
         kind = "extended" if extended else "structured"
         for what, data, want in failing:
-            c = Conn(ctx.sock)
-            c.greet()
-            if extended:
-                c.negotiate_extended()
-            else:
-                c.negotiate_structured()
+            c = negotiated(ctx, extended)
             c.set_meta([b"base:allocation"])
             if list(c.contexts.values()) != [b"base:allocation"]:
                 fail("%s: SET_META_CONTEXT base:allocation selected %r" % (kind, c.contexts))
@@ -417,12 +424,7 @@ def case_list_meta_context(ctx):
     # reserved and SHOULD be set to zero"; SET_META_CONTEXT gives real ones.
     for extended in (False, True):
         kind = "extended" if extended else "structured"
-        c = Conn(ctx.sock)
-        c.greet()
-        if extended:
-            c.negotiate_extended()
-        else:
-            c.negotiate_structured()
+        c = negotiated(ctx, extended)
         for queries, want in (
             ([], [b"base:allocation", b"qemu:allocation-depth"]),
             ([b"base:"], [b"base:allocation"]),
