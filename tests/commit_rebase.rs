@@ -344,7 +344,10 @@ fn an_interrupted_commit_resumes_only_over_what_it_left() {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(delay_ms));
-        common::server::signal(child.id(), "INT");
+        // Not once it has been reaped: its pid may be another's by then.
+        if child.try_wait().unwrap().is_none() {
+            common::server::signal(child.id(), "INT");
+        }
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
@@ -409,6 +412,26 @@ fn a_commit_marker_with_a_left_mtime_resumes_only_over_that_mtime() {
     run(ubd().arg("commit").arg(&cow));
     assert!(fs::read(&base).unwrap() == fs::read(&reference).unwrap());
     assert!(!marker.exists());
+}
+
+/// A marker of another commit (into another file, with --backing) is the
+/// only record of that file half merged: a commit into the overlay's own
+/// backing file refuses to run over it.
+#[test]
+fn commit_keeps_the_marker_of_another_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cow) = overlay(dir.path(), 1 << 20, 0);
+    let before = fs::read(&base).unwrap();
+    let marker = PathBuf::from(format!("{}.commit", cow.display()));
+    let text =
+        "ubd commit in progress\nbacking: /elsewhere/other.img\nsize: 1048576\nleft mtime: 5\n";
+    fs::write(&marker, text).unwrap();
+    let out = output(ubd().arg("commit").arg(&cow));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/elsewhere/other.img"), "{stderr}");
+    assert_eq!(fs::read_to_string(&marker).unwrap(), text);
+    assert!(fs::read(&base).unwrap() == before);
 }
 
 /// An overlay whose file ends with the backing file's data, inside its last

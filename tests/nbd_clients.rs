@@ -1312,7 +1312,17 @@ fn a_served_raw_image_is_locked_against_other_writers() {
     run(ubd().arg("create").arg(&raw).arg("1M"));
     let cow = dir.path().join("over.cow");
     run(ubd().args(["create", "--backing"]).arg(&raw).arg(&cow));
+    let recorded = fs::metadata(&raw).unwrap().modified().unwrap();
     let server = Server::start(&dir.path().join("raw.sock"), &[raw.as_os_str()]);
+    qemu_io(&server.uri(), false, &["write -P 0x5a 0 65536".into()]);
+    // The mtime the overlay recorded, so that the commit's own checks pass
+    // and it comes to the lock.
+    fs::File::options()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_modified(recorded)
+        .unwrap();
     let held = format!("process {} holds", server.pid());
 
     let (code, stderr) =
@@ -1332,9 +1342,6 @@ fn a_served_raw_image_is_locked_against_other_writers() {
         assert_eq!(out.status.code(), Some(1), "ubd {args:?}: {stderr}");
         assert!(stderr.contains(&held), "ubd {args:?}: {stderr}");
     }
-    // (Written after the commit was tried: a write changes the image's
-    // mtime, which the commit checks before it asks for the lock.)
-    qemu_io(&server.uri(), false, &["write -P 0x5a 0 65536".into()]);
     stop_clean(server);
     let data = fs::read(&raw).unwrap();
     assert_eq!(data.len(), 1 << 20);

@@ -330,8 +330,44 @@ pub fn run(args: Args) -> Outcome {
     if got < bitmap.len() {
         return Err(format!("{}: the bitmap is cut short", args.file.display()).into());
     }
-    fs::write(&marker, marker_text(&backing, cow.header.size))
-        .map_err(|e| format!("{}: cannot write: {e}", marker.display()))?;
+    // A marker is the only record of a backing file half merged: one for
+    // another commit is not overwritten.
+    if resuming.is_none() && fs::symlink_metadata(&marker).is_ok() {
+        let text = fs::read_to_string(&marker).unwrap_or_default();
+        let other = text
+            .lines()
+            .find_map(|l| l.strip_prefix("backing: "))
+            .unwrap_or("(unreadable)");
+        return Err(format!(
+            "{}: an interrupted commit into {other} is marked there; finish it \
+             (ubd commit --backing {other} ...) or, if that file is gone, remove the marker",
+            marker.display()
+        )
+        .into());
+    }
+    // Records the mtime the backing file is left with (a re-run finishes
+    // the commit only if nothing else changed it since).
+    let left_mtime = |backing_file: &File| {
+        let _ = backing_file.sync_all();
+        if let Ok(meta) = backing_file.metadata() {
+            let text = format!(
+                "{}left mtime: {}\n",
+                marker_text(&backing, cow.header.size),
+                meta.mtime()
+            );
+            let _ = fs::write(&marker, text);
+        }
+    };
+    // The mtime a resumed commit was left with stays recorded until the
+    // copy starts writing.
+    let text = match resuming {
+        Some(Some(left)) => format!(
+            "{}left mtime: {left}\n",
+            marker_text(&backing, cow.header.size)
+        ),
+        _ => marker_text(&backing, cow.header.size),
+    };
+    fs::write(&marker, text).map_err(|e| format!("{}: cannot write: {e}", marker.display()))?;
     let copy = copy_runs(&cow, cow_file.clone(), backing_file.clone(), &bitmap);
     if let Some(why) = copy.stopped {
         if !copy.wrote && resuming.is_none() {
@@ -340,19 +376,7 @@ pub fn run(args: Args) -> Outcome {
                 format!("{why}: nothing was written; the backing file is unchanged").into(),
             );
         }
-        // Record the mtime the backing file is left with, so that running
-        // the commit again finishes it only if nothing else changed it.
-        let left = backing_file
-            .sync_all()
-            .and_then(|()| backing_file.metadata())
-            .map(|m| m.mtime());
-        if let Ok(mtime) = left {
-            let text = format!(
-                "{}left mtime: {mtime}\n",
-                marker_text(&backing, cow.header.size)
-            );
-            let _ = fs::write(&marker, text);
-        }
+        left_mtime(&backing_file);
         return Err(format!(
             "{why}: the backing file is partly merged; run `ubd commit` again to finish"
         )
@@ -363,14 +387,22 @@ pub fn run(args: Args) -> Outcome {
     // whole seconds: if the commit fell within the recorded second, move the
     // mtime on by one.
     let recorded = std::time::UNIX_EPOCH + Duration::from_secs(u64::from(cow.header.mtime));
-    if sectors > 0 && image::stamp(&backing).is_ok_and(|s| s.mtime == i64::from(cow.header.mtime)) {
+    let finish = || -> Result<(), String> {
+        if sectors > 0
+            && image::stamp(&backing).is_ok_and(|s| s.mtime == i64::from(cow.header.mtime))
+        {
+            backing_file
+                .set_modified(recorded + Duration::from_secs(1))
+                .map_err(|e| format!("{}: cannot set its mtime: {e}", backing.display()))?;
+        }
         backing_file
-            .set_modified(recorded + Duration::from_secs(1))
-            .map_err(|e| format!("{}: cannot set its mtime: {e}", backing.display()))?;
+            .sync_all()
+            .map_err(|e| format!("{}: cannot sync: {e}", backing.display()))
+    };
+    if let Err(e) = finish() {
+        left_mtime(&backing_file);
+        return Err(format!("{e}; run `ubd commit` again to finish").into());
     }
-    backing_file
-        .sync_all()
-        .map_err(|e| format!("{}: cannot sync: {e}", backing.display()))?;
     drop((cow_file, backing_file));
     let _ = fs::remove_file(&marker);
     let overlay = if args.discard_overlay {

@@ -57,7 +57,7 @@ impl Worker {
                 // The file may end with the backing file's data, inside
                 // the last sector.
                 if base + run_end.min(cow.backing_len) > len {
-                    if let Some(quiet) = self.fail_log.allow() {
+                    if let Some(quiet) = self.truncated_log.allow() {
                         tracing::error!(
                             "{}: bytes {}..{} are marked written but the file ends at {} \
                              (truncated?){}",

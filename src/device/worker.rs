@@ -231,9 +231,11 @@ pub struct Worker {
     pub(super) main_len: u64,
     /// The files' paths, by file index, for error messages.
     paths: Vec<std::path::PathBuf>,
-    /// Failed ops are logged at most once a second (a client can repeat a
-    /// failing request as fast as it likes).
+    /// Failed ops, and reads a truncated overlay cannot answer, are each
+    /// logged at most once a second (a client can repeat a failing request
+    /// as fast as it likes).
     pub(super) fail_log: LogEvery,
+    pub(super) truncated_log: LogEvery,
     /// The main file takes direct I/O.
     pub(super) main_direct: bool,
     pub(super) cow: Option<Cow>,
@@ -427,6 +429,7 @@ impl Worker {
             main_len: img.main.len,
             paths,
             fail_log: LogEvery::default(),
+            truncated_log: LogEvery::default(),
             main_direct: img.main.direct,
             cow,
             capacity: img.capacity,
@@ -774,16 +777,18 @@ impl Worker {
     /// the file and offset.
     fn check(&self, c: &Completion) -> Result<(), i32> {
         let op = &c.op;
-        let path = self
-            .paths
-            .get(op.file)
-            .map_or_else(String::new, |p| p.display().to_string());
+        let path = || {
+            self.paths
+                .get(op.file)
+                .map_or_else(String::new, |p| p.display().to_string())
+        };
         let done = match c.result {
             Ok(done) => done,
             Err(e) => {
                 if let Some(quiet) = self.fail_log.allow() {
                     tracing::warn!(
-                        "{path}: {:?} of {} bytes at offset {} failed: {}{}",
+                        "{}: {:?} of {} bytes at offset {} failed: {}{}",
+                        path(),
                         op.kind,
                         op.len,
                         op.offset,
@@ -807,10 +812,11 @@ impl Worker {
         if op.offset + done >= file_len {
             return Ok(());
         }
-        if let Some(quiet) = self.fail_log.allow() {
+        if let Some(quiet) = self.truncated_log.allow() {
             tracing::error!(
-                "{path}: read of {} bytes at offset {} ended after {} bytes: the file is \
+                "{}: read of {} bytes at offset {} ended after {} bytes: the file is \
                  shorter than the data it should hold (truncated?){}",
+                path(),
                 op.len,
                 op.offset,
                 done,
@@ -946,7 +952,10 @@ pub(super) struct LogEvery {
 impl LogEvery {
     /// `Some(lines left out since the last)` if a line may go out now.
     pub(super) fn allow(&self) -> Option<u64> {
-        let now = std::time::Instant::now();
+        self.allow_at(std::time::Instant::now())
+    }
+
+    fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
         if self
             .last
             .get()
@@ -977,7 +986,22 @@ fn recent_depth(before: usize, in_flight: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::recent_depth;
+    use super::{LogEvery, recent_depth};
+
+    #[test]
+    fn log_every_lets_one_line_a_second_through_and_counts_the_rest() {
+        let log = LogEvery::default();
+        let t = std::time::Instant::now();
+        let at = |ms| t + std::time::Duration::from_millis(ms);
+        assert_eq!(log.allow_at(at(0)), Some(0));
+        assert_eq!(log.allow_at(at(10)), None);
+        assert_eq!(log.allow_at(at(999)), None);
+        // The next line says how many were left out.
+        assert_eq!(log.allow_at(at(1000)), Some(2));
+        assert_eq!(LogEvery::more(2), " (2 more failures not logged)");
+        assert_eq!(log.allow_at(at(5000)), Some(0));
+        assert_eq!(LogEvery::more(0), "");
+    }
 
     #[test]
     fn recent_depth_follows_the_peak_and_decays_to_polling() {
