@@ -545,15 +545,10 @@ impl Worker {
             // against 177-195).
             let in_flight = self.max_requests as usize - self.free.len();
             self.recent_depth = recent_depth(self.recent_depth, in_flight);
-            let spin = if !self.spin.is_zero()
-                && self.recent_depth <= 2
-                && self.round.phase == Phase::Idle
-                && self.conns_want_polling()
-            {
-                self.spin
-            } else {
-                std::time::Duration::ZERO
-            };
+            let idle_round = self.round.phase == Phase::Idle;
+            let spin = poll_for(self.spin, self.recent_depth, idle_round, || {
+                self.conns_want_polling()
+            });
             self.ring.set_spin(spin);
             // Memory is short: wake now and then to find clients that hold
             // it and read nothing.
@@ -978,6 +973,23 @@ impl LogEvery {
     }
 }
 
+/// How long the worker polls before it sleeps (see the rule in
+/// [`Worker::run`]): `spin` while clients have had at most two requests in
+/// flight lately, no flush round runs, and the connections want it (asked
+/// last, as it looks at each of them).
+fn poll_for(
+    spin: std::time::Duration,
+    recent_depth: usize,
+    idle_round: bool,
+    conns_want: impl FnOnce() -> bool,
+) -> std::time::Duration {
+    if !spin.is_zero() && recent_depth <= 2 && idle_round && conns_want() {
+        spin
+    } else {
+        std::time::Duration::ZERO
+    }
+}
+
 /// The recent depth after a pass with `in_flight` requests held: the most
 /// seen, less an eighth a pass (down to zero).
 fn recent_depth(before: usize, in_flight: usize) -> usize {
@@ -986,7 +998,23 @@ fn recent_depth(before: usize, in_flight: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{LogEvery, recent_depth};
+    use super::{LogEvery, poll_for, recent_depth};
+
+    #[test]
+    fn the_worker_polls_only_for_shallow_clients_outside_flush_rounds() {
+        let us50 = std::time::Duration::from_micros(50);
+        let zero = std::time::Duration::ZERO;
+        assert_eq!(poll_for(us50, 1, true, || true), us50);
+        assert_eq!(poll_for(us50, 2, true, || true), us50);
+        // Deeper clients, a flush round, connections streaming replies
+        // (or none), or polling off: no polling.
+        assert_eq!(poll_for(us50, 3, true, || true), zero);
+        assert_eq!(poll_for(us50, 1, false, || true), zero);
+        assert_eq!(poll_for(us50, 1, true, || false), zero);
+        assert_eq!(poll_for(zero, 1, true, || true), zero);
+        // The connections are not looked at when the rest says no.
+        assert_eq!(poll_for(us50, 8, true, || unreachable!()), zero);
+    }
 
     #[test]
     fn log_every_lets_one_line_a_second_through_and_counts_the_rest() {
