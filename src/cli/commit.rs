@@ -74,11 +74,17 @@ fn marker_path(cow: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn marker_text(backing: &Path, size: u64) -> String {
-    format!(
+/// A marker's text: the commit's backing file and size, and the mtime it
+/// left the backing file with, if it knows it.
+fn marker_text(backing: &Path, size: u64, left: Option<i64>) -> String {
+    let mut text = format!(
         "ubd commit in progress\nbacking: {}\nsize: {size}\n",
         backing.display()
-    )
+    );
+    if let Some(mtime) = left {
+        text.push_str(&format!("left mtime: {mtime}\n"));
+    }
+    text
 }
 
 /// What the marker of a commit into `backing` of `size` bytes says: `None`
@@ -87,7 +93,7 @@ fn marker_text(backing: &Path, size: u64) -> String {
 /// or an error and left the backing file with that mtime.
 fn read_marker(marker: &Path, backing: &Path, size: u64) -> Option<Option<i64>> {
     let text = fs::read_to_string(marker).ok()?;
-    let rest = text.strip_prefix(&marker_text(backing, size))?;
+    let rest = text.strip_prefix(&marker_text(backing, size, None))?;
     if rest.is_empty() {
         return Some(None);
     }
@@ -350,23 +356,13 @@ pub fn run(args: Args) -> Outcome {
     let left_mtime = |backing_file: &File| {
         let _ = backing_file.sync_all();
         if let Ok(meta) = backing_file.metadata() {
-            let text = format!(
-                "{}left mtime: {}\n",
-                marker_text(&backing, cow.header.size),
-                meta.mtime()
-            );
+            let text = marker_text(&backing, cow.header.size, Some(meta.mtime()));
             let _ = fs::write(&marker, text);
         }
     };
     // The mtime a resumed commit was left with stays recorded until the
     // copy starts writing.
-    let text = match resuming {
-        Some(Some(left)) => format!(
-            "{}left mtime: {left}\n",
-            marker_text(&backing, cow.header.size)
-        ),
-        _ => marker_text(&backing, cow.header.size),
-    };
+    let text = marker_text(&backing, cow.header.size, resuming.flatten());
     fs::write(&marker, text).map_err(|e| format!("{}: cannot write: {e}", marker.display()))?;
     let copy = copy_runs(&cow, cow_file.clone(), backing_file.clone(), &bitmap);
     if let Some(why) = copy.stopped {

@@ -52,11 +52,9 @@ impl Worker {
                 let base = cow.data_offset;
                 let len = match overlay_len {
                     Some(len) => len,
-                    None => *overlay_len.insert(self.main.metadata().map_err(io_errno)?.len()),
+                    None => *overlay_len.insert(nix::sys::stat::fstat(&*self.main)?.st_size as u64),
                 };
-                // The file may end with the backing file's data, inside
-                // the last sector.
-                if base + run_end.min(cow.backing_len) > len {
+                if (base + run_end).min(cow.data_end()) > len {
                     if let Some(quiet) = self.truncated_log.allow() {
                         tracing::error!(
                             "{}: bytes {}..{} are marked written but the file ends at {} \
@@ -92,10 +90,6 @@ impl Worker {
         }
         Ok(Reply::Extents(out))
     }
-}
-
-fn io_errno(e: std::io::Error) -> Errno {
-    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Calls `each(len, is_data)` for the data and hole runs of `file` over

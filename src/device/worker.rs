@@ -225,6 +225,14 @@ pub(super) struct Cow {
     pub(super) touched: Vec<u64>,
 }
 
+impl Cow {
+    /// Where the overlay's file may end: its data area may stop with the
+    /// backing file's data, inside the last sector (read as zeros past it).
+    pub(super) fn data_end(&self) -> u64 {
+        self.data_offset + self.backing_len
+    }
+}
+
 pub struct Worker {
     pub(super) ring: Ring<DevBuf>,
     pub(super) main: Arc<File>,
@@ -797,11 +805,10 @@ impl Worker {
         if !matches!(op.kind, OpKind::Read) || done >= op.len {
             return Ok(());
         }
-        // Where the file may end: the overlay's data area may end with the
-        // backing file's size, inside the last sector (zero-filled first).
+        // Where the file may end (the buffer past it was zero-filled first).
         let file_len = match &self.cow {
             Some(cow) if op.file == FILE_BACKING => cow.backing_len,
-            Some(cow) => cow.data_offset + cow.backing_len,
+            Some(cow) => cow.data_end(),
             None => self.main_len,
         };
         if op.offset + done >= file_len {
