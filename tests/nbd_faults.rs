@@ -373,6 +373,25 @@ fn a_truncated_overlay_fails_reads_of_what_it_lost() {
         stderr.contains(name) && stderr.contains("truncated"),
         "the server's log does not say what failed:\n{stderr}"
     );
+    // The two failed reads are each logged, or counted: in the note of a
+    // later line, or in the count logged when the server stops.
+    let counted = |marker: &str| -> u64 {
+        stderr
+            .lines()
+            .filter_map(|l| {
+                let head = &l[..l.find(marker)?];
+                head.rsplit(['(', ' ']).next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    let logged = stderr.matches("(truncated?)").count() as u64;
+    let left_out = counted(" more failures not logged")
+        + counted(" more reads of a truncated file were not logged");
+    assert_eq!(
+        logged + left_out,
+        2,
+        "the log does not account for each failed read:\n{stderr}"
+    );
 
     let out_img = dir.path().join("out.img");
     for args in [

@@ -587,11 +587,34 @@ impl Worker {
             if short {
                 self.cut_stalled_senders();
             }
+            self.log_left_out(false);
         }
+        self.log_left_out(true);
         self.pool.set_on_free(None);
         match self.round.error {
             Some(e) => Err(Errno::from_raw(e)),
             None => Ok(()),
+        }
+    }
+
+    /// Logs how many failure lines were left out, once their second is
+    /// over (or at once, when `stopping`).
+    fn log_left_out(&self, stopping: bool) {
+        let now = (!stopping).then(std::time::Instant::now);
+        let logs = [
+            (&self.fail_log, "failed I/O operations"),
+            (&self.truncated_log, "reads of a truncated file"),
+        ];
+        for (log, what) in logs {
+            if log.quiet.get() == 0 {
+                continue;
+            }
+            if let Some(n) = log.overdue_at(now) {
+                tracing::warn!(
+                    "{}: {n} more {what} were not logged",
+                    self.main_path().display()
+                );
+            }
         }
     }
 
@@ -970,6 +993,26 @@ impl LogEvery {
         Some(self.quiet.replace(0))
     }
 
+    /// `Some(lines left out)` once lines were left out and a second has
+    /// passed since the last line: a burst followed by quiet still gets its
+    /// count out. `now == None` (the worker stopping): at once.
+    fn overdue_at(&self, now: Option<std::time::Instant>) -> Option<u64> {
+        if self.quiet.get() == 0 {
+            return None;
+        }
+        if let Some(now) = now {
+            if self
+                .last
+                .get()
+                .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+            {
+                return None;
+            }
+            self.last.set(Some(now));
+        }
+        Some(self.quiet.replace(0))
+    }
+
     /// The note a line carries for the ones left out before it.
     pub(super) fn more(quiet: u64) -> String {
         if quiet == 0 {
@@ -1036,6 +1079,27 @@ mod tests {
         assert_eq!(LogEvery::more(2), " (2 more failures not logged)");
         assert_eq!(log.allow_at(at(5000)), Some(0));
         assert_eq!(LogEvery::more(0), "");
+    }
+
+    #[test]
+    fn log_every_reports_a_burst_followed_by_quiet() {
+        let log = LogEvery::default();
+        let t = std::time::Instant::now();
+        let at = |ms| Some(t + std::time::Duration::from_millis(ms));
+        // Nothing left out: nothing to report.
+        assert_eq!(log.overdue_at(at(0)), None);
+        assert_eq!(log.allow_at(at(0).unwrap()), Some(0));
+        assert_eq!(log.allow_at(at(10).unwrap()), None);
+        assert_eq!(log.allow_at(at(20).unwrap()), None);
+        // Within the second the count waits; after it, it goes out once.
+        assert_eq!(log.overdue_at(at(500)), None);
+        assert_eq!(log.overdue_at(at(1000)), Some(2));
+        assert_eq!(log.overdue_at(at(3000)), None);
+        // That report counts as a line: the next failure within its
+        // second is left out, and a stopping worker reports it at once.
+        assert_eq!(log.allow_at(at(1500).unwrap()), None);
+        assert_eq!(log.overdue_at(None), Some(1));
+        assert_eq!(log.overdue_at(None), None);
     }
 
     #[test]
