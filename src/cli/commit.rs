@@ -135,7 +135,12 @@ fn copy_runs(cow: &CowImage, cow_file: Arc<File>, backing: Arc<File>, bitmap: &[
     let mut ring: Ring<AlignedBuf> =
         match Ring::new(64, IN_FLIGHT, vec![cow_file, backing], 0, None) {
             Ok(ring) => ring,
-            Err(e) => return failed(format!("cannot set up io_uring: {e}")),
+            Err(e) => {
+                return failed(format!(
+                    "{}: cannot set up io_uring: {e}",
+                    cow.path.display()
+                ));
+            }
         };
     for slot in 0..IN_FLIGHT as u32 {
         let Some(buf) = AlignedBuf::new(PIECE as usize, 4096) else {

@@ -178,6 +178,8 @@ pub fn run(args: Args) -> Outcome {
 fn device_err(path: &Path, e: DeviceError) -> Box<dyn std::error::Error> {
     match e {
         DeviceError::Image(e) => e.into(),
+        // It names the file already.
+        e @ DeviceError::Ring { .. } => ubd::error_chain(&e).into(),
         e => format!("{}: {}", path.display(), ubd::error_chain(&e)).into(),
     }
 }

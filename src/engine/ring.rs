@@ -167,6 +167,22 @@ impl Waker {
     }
 }
 
+/// A failed `io_uring_setup`, with what a user can do about the usual
+/// causes: io_uring turned off (`kernel.io_uring_disabled`, or a seccomp
+/// filter such as a container runtime's default profile) or absent.
+fn explain_setup_error(e: io::Error) -> io::Error {
+    let why = match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {
+            "io_uring is turned off for this process: by the sysctl \
+             kernel.io_uring_disabled, or by a seccomp filter (a container's \
+             default profile blocks it); ubd does its I/O through io_uring"
+        }
+        Some(libc::ENOSYS) => "this kernel has no io_uring (Linux 5.6 or later has it)",
+        _ => return e,
+    };
+    io::Error::new(e.kind(), format!("{e}: {why}"))
+}
+
 /// The ring, its op and buffer tables, and the files and buffer arena
 /// registered with it.
 pub struct Ring<B: BufSet> {
@@ -241,7 +257,8 @@ impl<B: BufSet> Ring<B> {
             .setup_taskrun_flag()
             .setup_single_issuer()
             .build(depth)
-            .or_else(|_| IoUring::builder().setup_cqsize(depth * 2).build(depth))?;
+            .or_else(|_| IoUring::builder().setup_cqsize(depth * 2).build(depth))
+            .map_err(explain_setup_error)?;
         let sq = ring.params().sq_entries() as usize;
         let cq = ring.params().cq_entries() as usize;
         // Each slot has at most one SQE queued and one CQE pending, and one
