@@ -593,12 +593,24 @@ impl Worker {
         }
         let seq = self.seq.clone();
         let ticket = seq.enter();
+        // Requests handed to `Device::submit` under earlier tickets may still
+        // wait in the intake: they go first (invariant 5).
+        self.intake.take_requests_into(&mut self.local);
         if self.local.is_empty() && !self.free.is_empty() {
             self.start(req, Origin::Conn(c));
-        } else {
-            self.local.push_back((req, Origin::Conn(c)));
+            drop(ticket);
+            return;
         }
+        self.local.push_back((req, Origin::Conn(c)));
         drop(ticket);
+        // In order, and without the ticket: a request of `Device::submit`
+        // that ends at once tells its sink, which may submit again.
+        while !self.free.is_empty() {
+            let Some((req, origin)) = self.local.pop_front() else {
+                break;
+            };
+            self.start(req, origin);
+        }
     }
 
     /// A request of connection `c` ended.

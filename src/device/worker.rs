@@ -157,6 +157,19 @@ impl Intake {
         self.take_conns()
     }
 
+    /// Moves queued requests (not connections) to `local`, in order. A
+    /// caller holding a ticket finds there every request of an earlier
+    /// ticket that has not reached `local` yet.
+    pub(super) fn take_requests_into(&self, local: &mut VecDeque<(Request, Origin)>) {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        // `queued` stays as it is: `take_into` clears it (and takes the
+        // connections) on the loop's next pass.
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        local.extend(q.drain(..).map(|(r, s)| (r, Origin::Sink(s))));
+    }
+
     fn is_empty(&self) -> bool {
         self.queued.load(Ordering::Acquire) == 0
     }

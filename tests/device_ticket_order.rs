@@ -1,0 +1,145 @@
+//! Invariant 5 across the two ways requests enter a device: a request handed
+//! to `Device::submit` (ticket t) and a request a served connection reads
+//! (ticket t + 1) reach the host in ticket order.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+
+use nix::errno::Errno;
+use ubd::device::{
+    Command, ConnCx, Device, DeviceOptions, Event, Flags, Protocol, Recorder, Reply, Request, Role,
+    SendBuf, Step, Waiter,
+};
+
+const A: u64 = 64 << 10;
+const B: u64 = 512 << 10;
+
+/// A protocol that, when first asked for input, has another thread hand the
+/// device a WRITE at `A` (the earlier ticket), then submits its own WRITE at
+/// `B` (the later ticket), then closes.
+struct Probe {
+    dev: Arc<Device>,
+    step: u32,
+    other: Arc<Waiter>,
+    ended: Arc<Mutex<Vec<Result<(), Errno>>>>,
+}
+
+impl Protocol for Probe {
+    fn input(&mut self, _input: &[u8], cx: &mut ConnCx<'_>) -> Step {
+        self.step += 1;
+        match self.step {
+            1 => {
+                // Another thread submits now: its ticket comes first.
+                let (dev, sink) = (self.dev.clone(), self.other.clone());
+                std::thread::spawn(move || {
+                    let mut data = dev.alloc(A, 4096).unwrap();
+                    data.copy_from_at(0, &[0xAA; 4096]);
+                    dev.submit_quiet(
+                        Request {
+                            command: Command::Write,
+                            offset: A,
+                            len: 4096,
+                            flags: Flags::default(),
+                            data: Some(data),
+                            token: 1,
+                        },
+                        sink,
+                    );
+                })
+                .join()
+                .unwrap();
+                let mut data = cx.alloc(B, 4096).unwrap();
+                data.copy_from_at(0, &[0xBB; 4096]);
+                Step::Submit {
+                    consumed: 0,
+                    req: Request {
+                        command: Command::Write,
+                        offset: B,
+                        len: 4096,
+                        flags: Flags::default(),
+                        data: Some(data),
+                        token: 2,
+                    },
+                    payload: 0,
+                }
+            }
+            _ => Step::Close {
+                consumed: 0,
+                why: None,
+            },
+        }
+    }
+
+    fn complete(
+        &mut self,
+        _token: u64,
+        result: Result<Reply, Errno>,
+        _out: &mut SendBuf,
+    ) -> Option<String> {
+        self.ended.lock().unwrap().push(result.map(drop));
+        None
+    }
+
+    fn input_ended(&mut self, _out: &mut SendBuf) {}
+    fn skipped(&mut self, _out: &mut SendBuf) {}
+    fn stop(&mut self) {}
+    fn drained(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_submitted_request_and_a_connections_later_one_reach_the_host_in_ticket_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let recorder = Arc::new(Recorder::new());
+    let dev = Arc::new(
+        Device::open(
+            &raw,
+            &DeviceOptions {
+                recorder: Some(recorder.clone()),
+                ..DeviceOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    let other = Arc::new(Waiter::default());
+    let ended = Arc::new(Mutex::new(Vec::new()));
+    let done = dev.serve(
+        OwnedFd::from(ours),
+        Vec::new(),
+        Box::new(Probe {
+            dev: dev.clone(),
+            step: 0,
+            other: other.clone(),
+            ended: ended.clone(),
+        }),
+    );
+    done.wait();
+    // The connection's request has ended; the other one ends too.
+    dev.kick();
+    assert!(other.wait().is_ok());
+    assert_eq!(*ended.lock().unwrap(), vec![Ok(())]);
+    let writes: Vec<u64> = recorder
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Write {
+                role: Role::Main,
+                offset,
+                ..
+            } => Some(*offset),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        writes,
+        vec![A, B],
+        "the write with the later ticket reached the host first"
+    );
+    let dev = Arc::try_unwrap(dev).unwrap();
+    dev.close().unwrap();
+}
