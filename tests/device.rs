@@ -942,3 +942,33 @@ fn first_write_copies_under_zeroings(cache: Cache) {
     dev.close().unwrap();
     f.assert_base_untouched();
 }
+
+/// A WRITE of no bytes succeeds and changes nothing, on an overlay and on a
+/// raw image, like a READ of no bytes (it failed with EFAULT: the ring handed
+/// the kernel a fixed-buffer write of 0 bytes at no address).
+#[test]
+fn a_write_of_no_bytes_succeeds() {
+    let f = fixture(1 << 20, 9);
+    let raw = f._dir.path().join("raw.img");
+    fs::write(&raw, &f.base_data).unwrap();
+    for path in [&f.cow, &raw] {
+        let dev = Device::open(path, &opts(false, Cache::None)).unwrap();
+        for offset in [0u64, 4096, 100, 1 << 20] {
+            let data = dev.alloc(offset, 0).unwrap();
+            let reply = dev.call(Request {
+                command: Command::Write,
+                offset,
+                len: 0,
+                flags: Flags::default(),
+                data: Some(data),
+                token: 0,
+            });
+            assert!(reply.is_ok(), "{}: at {offset}: {reply:?}", path.display());
+        }
+        let mut all = vec![0u8; 1 << 20];
+        dev.read_at(0, &mut all).unwrap();
+        assert!(all == f.base_data, "a write of no bytes changed data");
+        dev.close().unwrap();
+    }
+    f.assert_base_untouched();
+}

@@ -643,6 +643,12 @@ impl<B: BufSet> Ring<B> {
                     return Err(libc::EFAULT);
                 }
                 let remaining = u32::try_from(op.len - slot.done).map_err(|_| libc::EINVAL)?;
+                if remaining == 0 {
+                    // Nothing to move: no iovec is built, so no address
+                    // (another op's, or none) goes to the kernel. It
+                    // completes with 0 bytes.
+                    return Ok(opcode::Nop::new().build());
+                }
                 // Find where the transfer resumes, then the segments it spans.
                 let (mut seg, mut off) = (r.segment as usize, r.offset + slot.done as usize);
                 while seg < set.segments() && off >= set.segment(seg).1 {
@@ -1174,6 +1180,22 @@ mod tests {
         );
         assert!(ring.attach(0, AlignedBuf::new(1, 1).unwrap()).is_err());
         assert!(ring.attach(9, AlignedBuf::new(1, 1).unwrap()).is_err());
+    }
+
+    /// A transfer of no bytes names no memory: it completes with 0, and is
+    /// not handed to the kernel with the address of some other op's buffer
+    /// (or none, which a fixed-buffer op refuses with EFAULT).
+    #[test]
+    fn transfers_of_no_bytes_complete_with_zero() {
+        let (_f, mut ring) = ring_over(&[0u8; 4096]);
+        ring.attach(0, AlignedBuf::new(4096, 4096).unwrap())
+            .unwrap();
+        ring.push(op(OpKind::Write, 0, 0, Some(0), 1)).unwrap();
+        ring.push(op(OpKind::Read, 512, 0, Some(0), 2)).unwrap();
+        let mut done = collect(&mut ring);
+        done.sort_by_key(|c| c.tag);
+        let results: Vec<_> = done.iter().map(|c| c.result).collect();
+        assert_eq!(results, vec![Ok(0), Ok(0)]);
     }
 
     #[test]
