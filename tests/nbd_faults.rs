@@ -242,6 +242,66 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
     assert_eq!(fs::metadata(&base).unwrap().modified().unwrap(), base_mtime);
 }
 
+/// With the overlay written through the page cache, a failed sync may have
+/// cost data the kernel then marked clean, so a later sync would succeed
+/// without it: every FLUSH fails from then on, and no bitmap bit set since
+/// the last good FLUSH reaches the disk.
+#[test]
+fn a_failed_sync_through_the_page_cache_fails_every_later_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    let cow = dir.path().join("vm.cow");
+    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
+    create_overlay(&cow, &base, false).unwrap();
+    let faults = Arc::new(Faults::new());
+    let device = Arc::new(
+        Device::open(
+            &cow,
+            &DeviceOptions {
+                cache: Cache::Writeback,
+                faults: Some(faults.clone()),
+                ..DeviceOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let server = InProcess::start(dir.path(), device.clone());
+    let sock = server.socket.clone();
+    steps(&sock, &[(w(M, 4096, 11), "ok"), ("f".into(), "ok")]);
+    faults.add(Fault {
+        class: OpClass::Sync,
+        role: Role::Main,
+        range: 0..0,
+        errno: libc::EIO,
+        times: Some(1),
+    });
+    steps(
+        &sock,
+        &[
+            (w(3 * M, 4096, 13), "ok"),
+            ("f".into(), "err EIO"),
+            ("f".into(), "err EIO"),
+            (w(5 * M, 4096, 14), "ok"),
+            ("f".into(), "err EIO"),
+            // Reads go on, from what the server holds.
+            (r(5 * M, 4096, 14), "ok"),
+            (r(M, 4096, 11), "ok"),
+        ],
+    );
+    assert_eq!(faults.hits(), 1, "the fault was meant to hit once");
+    server.stop();
+    // The device's last round fails too; it is gone all the same.
+    drop(device);
+    // On disk: the bit of the write flushed before the failure, none since.
+    assert!(read_device(&cow, M, 4096) == pattern(11, M, 4096));
+    for offset in [3 * M, 5 * M] {
+        assert!(
+            read_device(&cow, offset, 4096) == pattern(5, offset, 4096),
+            "the overlay's bitmap took a bit for {offset} after the failed sync"
+        );
+    }
+}
+
 /// A tmpfs mounted for the test, unmounted on drop.
 struct Tmpfs(PathBuf);
 

@@ -8,6 +8,14 @@
 //! (`set_bits`) only after its sector's data write completed, and marks its
 //! bitmap block dirty for the next round. A round that fails leaves its
 //! blocks dirty.
+//!
+//! A failed fdatasync of a main file written through the page cache
+//! (`cache=writeback`, or a file system without direct I/O) is for good:
+//! Linux may have dropped those pages' data and marked them clean, so a later
+//! fdatasync would succeed without them. From then on every round fails at
+//! once with that error, and no bitmap block is written again (invariant 7),
+//! as qemu does for the same reason. With direct I/O the data is not in the
+//! page cache, and the next round may try again.
 
 use std::ops::Range;
 
@@ -35,6 +43,9 @@ pub(super) struct Round {
     pub(super) blocks: Vec<u32>,
     pub(super) pending: u32,
     pub(super) error: Option<i32>,
+    /// The error of a failed fdatasync of a buffered main file: every
+    /// round since has failed with it.
+    pub(super) lost: Option<i32>,
 }
 
 impl Worker {
@@ -69,6 +80,11 @@ impl Worker {
         std::mem::swap(&mut self.round.members, &mut self.round.waiting);
         self.round.error = None;
         self.round.blocks.clear();
+        if let Some(e) = self.round.lost {
+            self.round.error = Some(e);
+            self.finish_round();
+            return;
+        }
         let staging = self.max_requests + SCRATCH;
         if let Some(cow) = self.cow.as_mut() {
             // Snapshot: every bit here belongs to a completed data write.
@@ -99,6 +115,16 @@ impl Worker {
     pub(super) fn on_round(&mut self, purpose: u64, result: Result<u64, i32>) {
         if let Err(e) = result {
             self.round.error.get_or_insert(e);
+            if purpose == P_SYNC_DATA && !self.main_direct && self.round.lost.is_none() {
+                self.round.lost = Some(e);
+                tracing::error!(
+                    "{}: fdatasync failed: {}; data written through the page cache may be \
+                     lost, so every FLUSH fails from now on (restart the server to go on \
+                     from what is on disk)",
+                    self.main_path().display(),
+                    Errno::from_raw(e)
+                );
+            }
         }
         self.round.pending = self.round.pending.saturating_sub(1);
         if self.round.pending > 0 {

@@ -488,6 +488,7 @@ impl Worker {
                 blocks: Vec::new(),
                 pending: 0,
                 error: None,
+                lost: None,
             },
             chunk: pool.chunk_size() as u64,
             max_requests: mr,
