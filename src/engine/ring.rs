@@ -167,6 +167,12 @@ impl Waker {
     }
 }
 
+/// `io_uring_enter` refused more work until completions are reaped (EBUSY,
+/// EAGAIN): not a failure of the ring (invariant 6).
+fn backpressure(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN))
+}
+
 /// A failed `io_uring_setup`, with what a user can do about the usual
 /// causes: io_uring turned off (`kernel.io_uring_disabled`, or a seccomp
 /// filter such as a container runtime's default profile) or absent.
@@ -839,7 +845,7 @@ impl<B: BufSet> Ring<B> {
         match enter {
             Ok(()) => {}
             // Backpressure: reap below, and the caller calls again.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
+            Err(e) if backpressure(&e) => {}
             Err(e) => {
                 self.sleeping.store(false, Ordering::SeqCst);
                 return Err(e);
@@ -868,7 +874,7 @@ impl<B: BufSet> Ring<B> {
             return Ok(());
         }
         match self.enter(0) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => Ok(()),
+            Err(e) if backpressure(&e) => Ok(()),
             r => r,
         }
     }
@@ -907,7 +913,7 @@ impl<B: BufSet> Ring<B> {
         if !self.ring.submission().is_empty() {
             match self.enter(0) {
                 Ok(()) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
+                Err(e) if backpressure(&e) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -917,9 +923,13 @@ impl<B: BufSet> Ring<B> {
                 return Ok(true);
             }
             if self.ring.submission().taskrun() {
-                // Completion work is waiting in the kernel: run it.
-                self.enter(0)?;
-                continue;
+                // Completion work is waiting in the kernel: run it. Under
+                // backpressure, stop polling: the caller reaps first.
+                match self.enter(0) {
+                    Ok(()) => continue,
+                    Err(e) if backpressure(&e) => return Ok(true),
+                    Err(e) => return Err(e),
+                }
             }
             if start.elapsed() >= self.spin {
                 return Ok(false);
