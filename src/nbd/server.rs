@@ -138,34 +138,19 @@ impl Listener {
     /// Whether systemd passed this process sockets (`LISTEN_PID` is us,
     /// `LISTEN_FDS` > 0).
     pub fn activated() -> bool {
-        Self::activation_count().is_some()
-    }
-
-    fn activation_count() -> Option<i32> {
-        let pid_ok = std::env::var("LISTEN_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_some_and(|p| p == std::process::id());
-        let count = std::env::var("LISTEN_FDS")
-            .ok()
-            .and_then(|n| n.parse::<i32>().ok());
-        match (pid_ok, count) {
-            (true, Some(count @ 1..)) => Some(count),
-            _ => None,
-        }
+        crate::engine::inherit::listen_fds().is_some()
     }
 
     /// The sockets systemd passed, or `None` when the process was not
-    /// socket-activated.
+    /// socket-activated (or they were taken already).
     pub fn from_activation() -> Result<Option<Vec<Listener>>, ServerError> {
-        let Some(count) = Self::activation_count() else {
+        let Some(fds) = crate::engine::inherit::take_listen_fds() else {
             return Ok(None);
         };
-        let start = crate::engine::inherit::LISTEN_FDS_START;
         let mut listeners = Vec::new();
-        for fd in start..start.saturating_add(count) {
-            let owned = crate::engine::inherit::take_inherited_fd(fd)
-                .ok_or_else(|| ServerError::Activation(format!("fd {fd} is not open")))?;
+        for (fd, owned) in fds {
+            let owned =
+                owned.ok_or_else(|| ServerError::Activation(format!("fd {fd} is not open")))?;
             let addr = getsockname::<SockaddrStorage>(owned.as_raw_fd())
                 .map_err(|e| ServerError::Activation(format!("fd {fd} is not a socket: {e}")))?;
             // A listening stream socket (systemd's Accept=no), not a
