@@ -317,8 +317,119 @@ fn refuses_an_existing_out_without_force() {
     assert_same("--force", &read_all(&out), &model);
 }
 
+/// `qemu-img` on a qcow2 image: `check` finds no errors, `info` gives the
+/// size, `compare` finds it identical to `raw`, and `map` allocates only
+/// the clusters `model` has data in.
+fn check_qcow2_with_qemu(qcow2: &Path, raw: &Path, model: &[u8]) {
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    let checked = output(
+        Command::new(&qemu_img)
+            .args(["check", "-f", "qcow2"])
+            .arg(qcow2),
+    );
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success() && said.contains("No errors were found"),
+        "qemu-img check: {}\n{said}{}",
+        checked.status,
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+        .args(["info", "--output", "json", "-f", "qcow2"])
+        .arg(qcow2)))
+    .unwrap();
+    let size = (model.len() as u64).next_multiple_of(512);
+    assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
+    assert_eq!(info["cluster-size"].as_u64(), Some(64 * 1024), "{info}");
+    run(Command::new(&qemu_img)
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(qcow2)
+        .arg(raw));
+    // Allocated clusters: those with a nonzero byte, no others.
+    let map: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+        .args(["map", "--output", "json", "-f", "qcow2"])
+        .arg(qcow2)))
+    .unwrap();
+    let cluster = 64 * 1024;
+    let mut allocated = vec![false; size.div_ceil(cluster) as usize];
+    for e in map.as_array().unwrap() {
+        if e["data"].as_bool() == Some(true) {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            for c in start / cluster..(start + len).div_ceil(cluster) {
+                allocated[c as usize] = true;
+            }
+        }
+    }
+    for (c, chunk) in model.chunks(cluster as usize).enumerate() {
+        let data = chunk.iter().any(|&b| b != 0);
+        assert_eq!(
+            allocated[c], data,
+            "cluster {c}: allocated or not by its data"
+        );
+    }
+}
+
 #[test]
-fn only_raw_output_is_accepted() {
+fn qcow2_output_holds_what_the_raw_output_holds() {
+    // Past 512 MiB (two L2 tables), with a partial last sector.
+    let size = 600 * MIB + 300;
+    let dir = Dir::new();
+    let (base, cow) = (dir.join("base.img"), dir.join("vm.cow"));
+    let mut model = make_base(
+        &base,
+        size,
+        &[(0, 3 * MIB), (520 * MIB - 7, 70_000), (size - 1000, 1000)],
+        7,
+    );
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    let mut changes = changes_for(size);
+    changes.push(Change::Write(512 * MIB - 10, pseudo_random_bytes(106, 20)));
+    change(&cow, &changes, &mut model);
+    let (raw, qcow2) = (dir.join("out.img"), dir.join("out.qcow2"));
+    convert(&cow, &raw);
+    let said = run(ubd()
+        .args(["convert", "-O", "qcow2", "--output", "json"])
+        .arg(&cow)
+        .arg(&qcow2));
+    let report: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(report["format"], "qcow2", "{report}");
+    assert_eq!(
+        report["virtual_size"].as_u64(),
+        Some(size.next_multiple_of(512))
+    );
+    check_qcow2_with_qemu(&qcow2, &raw, &model);
+    // Back to raw with qemu-img: the model, with the sector's tail as zeros.
+    let back = dir.join("back.img");
+    run(Command::new(tool("qemu-img", "qemu-utils"))
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&back));
+    let mut padded = model.clone();
+    padded.resize(size.next_multiple_of(512) as usize, 0);
+    assert_same(
+        "qemu-img's raw of ubd's qcow2 vs the model",
+        &read_all(&back),
+        &padded,
+    );
+    // A raw image converts too; an empty one gives an empty qcow2.
+    let from_raw = dir.join("raw.qcow2");
+    run(ubd()
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&from_raw));
+    check_qcow2_with_qemu(&from_raw, &raw, &model);
+    let empty = dir.join("empty.img");
+    File::create(&empty).unwrap().set_len(MIB).unwrap();
+    let empty_qcow2 = dir.join("empty.qcow2");
+    run(ubd()
+        .args(["convert", "-O", "qcow2"])
+        .arg(&empty)
+        .arg(&empty_qcow2));
+    check_qcow2_with_qemu(&empty_qcow2, &empty, &vec![0; MIB as usize]);
+}
+
+#[test]
+fn other_output_formats_are_refused() {
     let dir = Dir::new();
     let (base, cow, out) = (
         dir.join("base.img"),
@@ -327,12 +438,24 @@ fn only_raw_output_is_accepted() {
     );
     make_base(&base, MIB, &[], 0);
     run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
-    let res = output(ubd().args(["convert", "-O", "qcow2"]).arg(&cow).arg(&out));
+    let res = output(ubd().args(["convert", "-O", "vmdk"]).arg(&cow).arg(&out));
     assert_eq!(res.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&res.stderr);
-    assert!(stderr.contains("raw images only"), "{stderr}");
+    assert!(stderr.contains("raw and qcow2 images"), "{stderr}");
     assert!(!out.exists());
-    run(ubd().args(["convert", "-O", "raw"]).arg(&cow).arg(&out));
+    // --import makes an overlay: no -O there.
+    let res = output(
+        ubd()
+            .args(["convert", "-O", "qcow2", "--import"])
+            .arg(&base)
+            .arg("--backing")
+            .arg(&base)
+            .arg(dir.join("new.cow")),
+    );
+    assert_eq!(res.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&res.stderr);
+    assert!(stderr.contains("with --import"), "{stderr}");
+    assert!(!dir.join("new.cow").exists());
 }
 
 /// Past 2 TiB, where uml_moo's counters stop: sparse files make it cheap.
@@ -373,6 +496,20 @@ fn converts_past_2_tib() {
     assert_eq!(at(size - 7, 7), b"the end");
     assert_eq!(at(past - 4096, 4096), vec![0u8; 4096]);
     assert!(allocated(&out) < MIB);
+
+    // As qcow2: qemu reads the same bytes (qemu-img compare skips what both
+    // leave unallocated, so this stays quick).
+    let qcow2 = dir.join("out.qcow2");
+    run(ubd().args(["convert", "-O", "qcow2"]).arg(&cow).arg(&qcow2));
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    run(Command::new(&qemu_img)
+        .args(["check", "-f", "qcow2"])
+        .arg(&qcow2));
+    run(Command::new(&qemu_img)
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&qcow2)
+        .arg(&out));
+    assert!(allocated(&qcow2) < 2 * MIB);
 }
 
 /// Ctrl-C (SIGINT) mid-copy removes the partial OUT and exits 130; if the

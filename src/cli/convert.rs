@@ -1,6 +1,7 @@
 //! `ubd convert`: merge an overlay (or copy a raw image) into a new sparse raw
-//! image, as `uml_moo COW OUT` does; and with `--import`, the way back: a new
-//! overlay over a base holding only the sectors where a raw image differs.
+//! image, as `uml_moo COW OUT` does, or into a new qcow2 image; and with
+//! `--import`, the way back: a new overlay over a base holding only the
+//! sectors where a raw image differs.
 //!
 //! Reads go through the block device (so OUT is what a reader of the device
 //! sees); OUT is written with plain file I/O and synced before success is
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use ubd::device::{Device, DeviceError, DeviceOptions, Flags};
+use ubd::image::qcow2::{self, Qcow2Writer};
 use ubd::image::{self, Image, ImageError, LockKind};
 
 use super::progress::{Progress, catch_interrupts, interrupted};
@@ -29,26 +31,43 @@ const BLOCK: u64 = 4096;
 /// Zero ranges shorter than this between data are read rather than skipped.
 const MIN_SKIP: u64 = 1 << 20;
 const SECTOR: u64 = 512;
+// qcow2 clusters: whole ones in each piece and window, and ranges of data
+// far enough apart that, widened to clusters, they do not meet.
+const _: () = assert!(
+    PIECE % qcow2::CLUSTER == 0 && WINDOW % qcow2::CLUSTER == 0 && MIN_SKIP >= 2 * qcow2::CLUSTER
+);
 /// Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 const INTERRUPTED: u8 = 130;
 
-/// The one output format there is.
+/// The formats OUT can have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Raw,
+    Qcow2,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
 }
 
 fn parse_format(text: &str) -> Result<Format, String> {
     match text.to_ascii_lowercase().as_str() {
         "raw" => Ok(Format::Raw),
+        "qcow2" => Ok(Format::Qcow2),
         _ => Err(format!(
-            "ubd convert writes raw images only (-O raw), not {text:?}; \
+            "ubd convert writes raw and qcow2 images (-O raw, -O qcow2), not {text:?}; \
              convert the raw result further with `qemu-img convert -f raw -O {text} OUT NEW`"
         )),
     }
 }
 
-/// Merge an overlay into a new raw image, or import a raw image as an overlay.
+/// Merge an overlay into a new raw or qcow2 image, or import a raw image as
+/// an overlay.
 ///
 /// `ubd convert COW OUT` writes OUT, a new raw disk image holding what the
 /// overlay COW reads as: the overlay's own sectors where it has them, its
@@ -59,6 +78,11 @@ fn parse_format(text: &str) -> Result<Format, String> {
 /// as holes. OUT is synced to disk before ubd reports success. COW may also be
 /// a raw image, which is then copied (sparsely). Neither COW nor its backing
 /// file is changed.
+///
+/// `-O qcow2` writes the same data as a qcow2 image instead (version 3, 64 KiB
+/// clusters, no backing file), for qemu and the tools that read qcow2: 64 KiB
+/// clusters that read as zeros are left unallocated. Its size is the backing
+/// file's rounded up to a whole 512-byte sector, as qemu counts sizes.
 ///
 /// `ubd convert --import RAW --backing BASE COW` goes the other way: it
 /// creates a new overlay COW over BASE holding exactly the 512-byte sectors
@@ -71,11 +95,12 @@ fn parse_format(text: &str) -> Result<Format, String> {
 /// Examples:
 ///   ubd convert vm.cow merged.img
 ///   ubd convert -O raw --backing /new/place/base.img vm.cow merged.img
+///   ubd convert -O qcow2 vm.cow merged.qcow2
 ///   ubd convert --import edited.img --backing base.img edited.cow
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
-    /// Format of OUT. Only `raw` (a plain disk image) is supported.
+    /// Format of OUT: `raw` (a plain disk image) or `qcow2`.
     #[arg(short = 'O', long = "output-format", value_name = "FORMAT",
           default_value = "raw", value_parser = parse_format)]
     format: Format,
@@ -100,7 +125,7 @@ pub struct Args {
     /// The overlay (or raw image) to convert; with --import, the overlay to create.
     #[arg(value_name = "COW")]
     source: PathBuf,
-    /// The raw image to create (not with --import).
+    /// The image to create (not with --import).
     #[arg(value_name = "OUT")]
     target: Option<PathBuf>,
 }
@@ -111,7 +136,8 @@ struct MergeReport {
     format: &'static str,
     source: String,
     virtual_size: u64,
-    /// Bytes written to OUT (the rest are holes).
+    /// Bytes of data written to OUT (the rest are holes, or for qcow2
+    /// unallocated clusters).
     data_written: u64,
     /// Bytes OUT takes on disk.
     actual_size: u64,
@@ -129,8 +155,13 @@ struct ImportReport {
 }
 
 pub fn run(args: Args) -> Outcome {
-    let Format::Raw = args.format;
     match &args.import {
+        Some(_) if args.format != Format::Raw => Err(format!(
+            "with --import, ubd convert makes an overlay ({}); -O {} is for OUT without it",
+            args.source.display(),
+            args.format.name()
+        )
+        .into()),
         Some(raw) => {
             let Some(base) = &args.backing else {
                 return Err("--import RAW needs --backing BASE: the base image the new \
@@ -157,12 +188,13 @@ pub fn run(args: Args) -> Outcome {
         None => {
             let Some(target) = &args.target else {
                 return Err(format!(
-                    "give the raw image to write: ubd convert {} OUT",
+                    "give the image to write: ubd convert {} OUT",
                     args.source.display()
                 )
                 .into());
             };
             merge(
+                args.format,
                 &args.source,
                 args.backing.as_deref(),
                 args.backing_dir.get(),
@@ -316,6 +348,7 @@ enum Merged {
 }
 
 fn merge(
+    format: Format,
     source: &Path,
     backing: Option<&Path>,
     backing_dir: Option<&Path>,
@@ -361,7 +394,14 @@ fn merge(
     let mut keep = vec![source];
     keep.extend(backing_path.as_deref());
     let out = open_target(target, force, &keep)?;
-    let result = copy_device(&dev, source, &out, target, size);
+    let result = match format {
+        Format::Raw => copy_device(&dev, source, &out, target, size),
+        Format::Qcow2 => copy_qcow2(&dev, source, &out, target, size),
+    };
+    let size = match format {
+        Format::Raw => size,
+        Format::Qcow2 => size.next_multiple_of(512),
+    };
     let closed = dev.close().map_err(|e| device_err(source, e));
     let written = match result.and_then(|m| closed.map(|()| m)) {
         Ok(Merged::Done { written }) => written,
@@ -383,7 +423,7 @@ fn merge(
         Output::Json => {
             let report = MergeReport {
                 filename: file.into_owned(),
-                format: "raw",
+                format: format.name(),
                 source: src.into_owned(),
                 virtual_size: size,
                 data_written: written,
@@ -392,10 +432,15 @@ fn merge(
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Output::Human => println!(
-            "Converted {src} to raw image {file}, {} ({size} bytes); {} of data written, \
-             the rest left as holes",
+            "Converted {src} to {} image {file}, {} ({size} bytes); {} of data written, \
+             the rest left as {}",
+            format.name(),
             format_size(size),
             format_size(written),
+            match format {
+                Format::Raw => "holes",
+                Format::Qcow2 => "unallocated clusters",
+            }
         ),
     }
     Ok(0)
@@ -412,9 +457,61 @@ fn copy_device(
 ) -> Result<Merged, Box<dyn std::error::Error>> {
     out.set_len(size)
         .map_err(io_err(target, "cannot set the length of"))?;
+    let mut written = 0;
+    let finished = read_data(dev, source, size, 1, |at, piece| {
+        written += write_nonzero(out, target, piece, at)?;
+        Ok(())
+    })?;
+    if !finished {
+        return Ok(Merged::Interrupted);
+    }
+    out.sync_all().map_err(io_err(target, "cannot sync"))?;
+    Ok(Merged::Done { written })
+}
+
+/// Writes the device's first `size` bytes into `out`, which is empty, as a
+/// qcow2 image, and syncs it.
+fn copy_qcow2(
+    dev: &Device,
+    source: &Path,
+    out: &File,
+    target: &Path,
+    size: u64,
+) -> Result<Merged, Box<dyn std::error::Error>> {
+    static ZEROS: [u8; qcow2::CLUSTER as usize] = [0; qcow2::CLUSTER as usize];
+    let mut image = Qcow2Writer::new(out, target, size)?;
+    let finished = read_data(dev, source, size, qcow2::CLUSTER, |at, piece| {
+        for (i, cluster) in piece.chunks(qcow2::CLUSTER as usize).enumerate() {
+            if cluster != &ZEROS[..cluster.len()] {
+                image.write_cluster(at / qcow2::CLUSTER + i as u64, cluster)?;
+            }
+        }
+        Ok(())
+    })?;
+    if !finished {
+        return Ok(Merged::Interrupted);
+    }
+    let written = image.data_written();
+    image.finish()?;
+    out.sync_all().map_err(io_err(target, "cannot sync"))?;
+    Ok(Merged::Done { written })
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// Reads the device's first `size` bytes where block status finds data (the
+/// rest reads as zeros) and hands them to `emit` in order, in pieces of at
+/// most `PIECE` that start at multiples of `align` (a power of two that
+/// divides `PIECE`), with a progress bar. `Ok(false)` after Ctrl-C.
+fn read_data(
+    dev: &Device,
+    source: &Path,
+    size: u64,
+    align: u64,
+    mut emit: impl FnMut(u64, &[u8]) -> Result<(), BoxError>,
+) -> Result<bool, BoxError> {
     let progress = Progress::new(size, "Converting");
     let mut buf = vec![0u8; PIECE as usize];
-    let mut written = 0;
     let mut reported = 0;
     let mut window = 0;
     while window < size {
@@ -423,18 +520,21 @@ fn copy_device(
             .block_status(window, window_end - window)
             .map_err(|e| device_err(source, e))?;
         for (start, end) in data_ranges(&extents, window, window_end) {
-            let mut at = start;
+            // Windows start at multiples of `align`, and ranges in one are
+            // at least `MIN_SKIP` apart: widened, they still do not meet.
+            let mut at = start - start % align;
+            let end = end.next_multiple_of(align).min(window_end);
             while at < end {
                 if interrupted() {
                     progress.finish();
-                    return Ok(Merged::Interrupted);
+                    return Ok(false);
                 }
                 let piece_end = (at / PIECE + 1).saturating_mul(PIECE).min(end);
                 let piece = &mut buf[..(piece_end - at) as usize];
                 dev.read_at(at, piece).map_err(|e| device_err(source, e))?;
-                written += write_nonzero(out, target, piece, at)?;
-                progress.inc(piece_end - reported);
-                reported = piece_end;
+                emit(at, piece)?;
+                progress.inc(piece_end.saturating_sub(reported));
+                reported = reported.max(piece_end);
                 at = piece_end;
             }
         }
@@ -443,12 +543,11 @@ fn copy_device(
         window = window_end;
         if interrupted() {
             progress.finish();
-            return Ok(Merged::Interrupted);
+            return Ok(false);
         }
     }
-    out.sync_all().map_err(io_err(target, "cannot sync"))?;
     progress.finish();
-    Ok(Merged::Done { written })
+    Ok(true)
 }
 
 /// Fills `buf` from `file` at `offset`; zeros past the end of the file.

@@ -10,6 +10,7 @@ mod backing;
 mod create;
 mod lock;
 mod open;
+pub mod qcow2;
 
 use std::fs::File;
 use std::io;
