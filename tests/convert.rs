@@ -428,6 +428,113 @@ fn qcow2_output_holds_what_the_raw_output_holds() {
     check_qcow2_with_qemu(&empty_qcow2, &empty, &vec![0; MIB as usize]);
 }
 
+/// `--keep-backing`: a qcow2 overlay over the same base, holding just the
+/// clusters the overlay has sectors in.
+#[test]
+fn qcow2_over_the_backing_file_holds_the_overlays_clusters_only() {
+    let size = 600 * MIB + 300;
+    let dir = Dir::new();
+    let (base, cow) = (dir.join("base.img"), dir.join("vm.cow"));
+    let mut model = make_base(&base, size, &[(0, 3 * MIB), (size - 1000, 1000)], 8);
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    change(&cow, &changes_for(size), &mut model);
+    let (raw, qcow2) = (dir.join("out.img"), dir.join("out.qcow2"));
+    convert(&cow, &raw);
+    let said = run(ubd()
+        .args([
+            "convert",
+            "-O",
+            "qcow2",
+            "--keep-backing",
+            "--output",
+            "json",
+        ])
+        .arg(&cow)
+        .arg(&qcow2));
+    let report: serde_json::Value = serde_json::from_str(&said).unwrap();
+    let base_abs = fs::canonicalize(&base).unwrap();
+    assert_eq!(
+        report["backing_file"].as_str(),
+        base_abs.to_str(),
+        "{report}"
+    );
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    let checked = output(
+        Command::new(&qemu_img)
+            .args(["check", "-f", "qcow2"])
+            .arg(&qcow2),
+    );
+    assert!(
+        checked.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&checked.stdout)
+    );
+    let info: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+        .args(["info", "--output", "json", "-f", "qcow2"])
+        .arg(&qcow2)))
+    .unwrap();
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        base_abs.to_str(),
+        "{info}"
+    );
+    assert_eq!(info["backing-filename-format"], "raw", "{info}");
+    // qemu reads what the overlay reads, the base's data included.
+    run(Command::new(&qemu_img)
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&qcow2)
+        .arg(&raw));
+    // The top layer has a cluster where the overlay has any sector.
+    let cluster = 64 * 1024;
+    let clusters = size.div_ceil(cluster) as usize;
+    let mut want = vec![false; clusters];
+    let ubd_map: serde_json::Value =
+        serde_json::from_str(&run(ubd().args(["map", "--output", "json"]).arg(&cow))).unwrap();
+    for e in ubd_map.as_array().unwrap() {
+        if e["depth"].as_u64() == Some(1) {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            for c in start / cluster..(start + len).div_ceil(cluster) {
+                want[c as usize] = true;
+            }
+        }
+    }
+    let mut got = vec![false; clusters];
+    let map: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+        .args(["map", "--output", "json", "-f", "qcow2"])
+        .arg(&qcow2)))
+    .unwrap();
+    for e in map.as_array().unwrap() {
+        if e["depth"].as_u64() == Some(0) {
+            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            for c in start / cluster..(start + len).div_ceil(cluster) {
+                got[c as usize] = true;
+            }
+        }
+    }
+    assert!(want.iter().any(|&w| w) && !want.iter().all(|&w| w));
+    assert_eq!(got, want, "clusters in qcow2's top layer vs the overlay's");
+    // A raw source has no backing file to keep, and raw output keeps none.
+    for (args, why) in [
+        (
+            vec!["-O", "qcow2", "--keep-backing"],
+            "has no backing file to keep",
+        ),
+        (vec!["--keep-backing"], "--keep-backing is for -O qcow2"),
+    ] {
+        let res = output(
+            ubd()
+                .arg("convert")
+                .args(&args)
+                .arg(&raw)
+                .arg(dir.join("no.qcow2")),
+        );
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(!dir.join("no.qcow2").exists());
+    }
+}
+
 #[test]
 fn other_output_formats_are_refused() {
     let dir = Dir::new();

@@ -31,11 +31,8 @@ const BLOCK: u64 = 4096;
 /// Zero ranges shorter than this between data are read rather than skipped.
 const MIN_SKIP: u64 = 1 << 20;
 const SECTOR: u64 = 512;
-// qcow2 clusters: whole ones in each piece and window, and ranges of data
-// far enough apart that, widened to clusters, they do not meet.
-const _: () = assert!(
-    PIECE % qcow2::CLUSTER == 0 && WINDOW % qcow2::CLUSTER == 0 && MIN_SKIP >= 2 * qcow2::CLUSTER
-);
+// qcow2 clusters: whole ones in each piece and window.
+const _: () = assert!(PIECE % qcow2::CLUSTER == 0 && WINDOW % qcow2::CLUSTER == 0);
 /// Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 const INTERRUPTED: u8 = 130;
 
@@ -119,6 +116,11 @@ pub struct Args {
     /// holds locked, the source and its backing file are never replaced.
     #[arg(short, long)]
     force: bool,
+    /// With -O qcow2: OUT keeps the overlay's backing file (raw, by its
+    /// absolute path) as its own, and holds only the 64 KiB clusters the
+    /// overlay has written: a qcow2 overlay for qemu over the same base.
+    #[arg(long)]
+    keep_backing: bool,
     /// Report as text or JSON.
     #[arg(long, value_enum, default_value_t)]
     output: Output,
@@ -135,6 +137,9 @@ struct MergeReport {
     filename: String,
     format: &'static str,
     source: String,
+    /// With --keep-backing: OUT's backing file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_file: Option<String>,
     virtual_size: u64,
     /// Bytes of data written to OUT (the rest are holes, or for qcow2
     /// unallocated clusters).
@@ -193,15 +198,12 @@ pub fn run(args: Args) -> Outcome {
                 )
                 .into());
             };
-            merge(
-                args.format,
-                &args.source,
-                args.backing.as_deref(),
-                args.backing_dir.get(),
-                target,
-                args.force,
-                args.output,
-            )
+            if args.keep_backing && args.format != Format::Qcow2 {
+                return Err(
+                    "--keep-backing is for -O qcow2: a raw image has no backing file".into(),
+                );
+            }
+            merge(&args, target)
         }
     }
 }
@@ -281,14 +283,24 @@ fn discard(path: &Path, why: &str) {
     }
 }
 
-/// `[start, end)` ranges of `start..end` that hold data, from block status
-/// extents: zero gaps shorter than `MIN_SKIP` are folded into the data around
-/// them, and anything the extents leave out counts as data.
-fn data_ranges(extents: &[ubd::device::Extent], start: u64, end: u64) -> Vec<(u64, u64)> {
+/// The `[start, end)` ranges of `start..end` (`start` a multiple of
+/// `align`) that `pick` takes, from block status extents, widened to
+/// multiples of `align` (but not past `end`) and merged where they meet or
+/// are less than `gap` apart. Anything the extents leave out is taken.
+fn pick_ranges(
+    extents: &[ubd::device::Extent],
+    (start, end): (u64, u64),
+    align: u64,
+    gap: u64,
+    pick: impl Fn(&ubd::device::Extent) -> bool,
+) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut push = |from: u64, to: u64| match out.last_mut() {
-        Some(last) if from - last.1 < MIN_SKIP => last.1 = to,
-        _ => out.push((from, to)),
+    let mut push = |from: u64, to: u64| {
+        let (from, to) = (from - from % align, to.next_multiple_of(align).min(end));
+        match out.last_mut() {
+            Some(last) if from <= last.1 || from - last.1 < gap => last.1 = last.1.max(to),
+            _ => out.push((from, to)),
+        }
     };
     let mut at = start;
     for e in extents {
@@ -296,7 +308,7 @@ fn data_ranges(extents: &[ubd::device::Extent], start: u64, end: u64) -> Vec<(u6
             break;
         }
         let e_end = at.saturating_add(e.len).min(end);
-        if !e.zero {
+        if pick(e) {
             push(at, e_end);
         }
         at = e_end;
@@ -347,15 +359,8 @@ enum Merged {
     Interrupted,
 }
 
-fn merge(
-    format: Format,
-    source: &Path,
-    backing: Option<&Path>,
-    backing_dir: Option<&Path>,
-    target: &Path,
-    force: bool,
-    output: Output,
-) -> Outcome {
+fn merge(args: &Args, target: &Path) -> Outcome {
+    let (format, source, backing) = (args.format, args.source.as_path(), args.backing.as_deref());
     catch_interrupts();
     // The size OUT gets: the backing file's (the header's), not the device's
     // capacity, which rounds it up to whole sectors.
@@ -376,10 +381,22 @@ fn merge(
             (raw.len, None)
         }
     };
+    // With --keep-backing, OUT names the backing file by its absolute path.
+    let keep_backing = match (&backing_path, args.keep_backing) {
+        (_, false) => None,
+        (None, true) => {
+            return Err(format!(
+                "{} is a raw image, not an overlay: it has no backing file to keep",
+                source.display()
+            )
+            .into());
+        }
+        (Some(path), true) => Some(fs::canonicalize(path).map_err(io_err(path, "cannot resolve"))?),
+    };
     let opts = DeviceOptions {
         read_only: true,
         backing: backing.map(Path::to_path_buf),
-        backing_dir: backing_dir.map(Path::to_path_buf),
+        backing_dir: args.backing_dir.get().map(Path::to_path_buf),
         ..Default::default()
     };
     let dev = Device::open(source, &opts).map_err(|e| device_err(source, e))?;
@@ -393,10 +410,10 @@ fn merge(
     }
     let mut keep = vec![source];
     keep.extend(backing_path.as_deref());
-    let out = open_target(target, force, &keep)?;
+    let out = open_target(target, args.force, &keep)?;
     let result = match format {
         Format::Raw => copy_device(&dev, source, &out, target, size),
-        Format::Qcow2 => copy_qcow2(&dev, source, &out, target, size),
+        Format::Qcow2 => copy_qcow2(&dev, source, (&out, target), size, keep_backing.as_deref()),
     };
     let size = match format {
         Format::Raw => size,
@@ -419,12 +436,16 @@ fn merge(
     let allocated = out.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
     drop(out);
     let (file, src) = (target.to_string_lossy(), source.to_string_lossy());
-    match output {
+    let over = keep_backing
+        .as_ref()
+        .map(|b| b.to_string_lossy().into_owned());
+    match args.output {
         Output::Json => {
             let report = MergeReport {
                 filename: file.into_owned(),
                 format: format.name(),
                 source: src.into_owned(),
+                backing_file: over,
                 virtual_size: size,
                 data_written: written,
                 actual_size: allocated,
@@ -432,14 +453,17 @@ fn merge(
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Output::Human => println!(
-            "Converted {src} to {} image {file}, {} ({size} bytes); {} of data written, \
-             the rest left as {}",
+            "Converted {src} to {} image {file}{}, {} ({size} bytes); {} of data written, \
+             the rest {}",
             format.name(),
+            over.as_ref()
+                .map_or(String::new(), |b| format!(" over {b}")),
             format_size(size),
             format_size(written),
-            match format {
-                Format::Raw => "holes",
-                Format::Qcow2 => "unallocated clusters",
+            match (format, &over) {
+                (Format::Raw, _) => "left as holes",
+                (Format::Qcow2, None) => "left as unallocated clusters",
+                (Format::Qcow2, Some(_)) => "read from the backing file",
             }
         ),
     }
@@ -458,7 +482,7 @@ fn copy_device(
     out.set_len(size)
         .map_err(io_err(target, "cannot set the length of"))?;
     let mut written = 0;
-    let finished = read_data(dev, source, size, 1, |at, piece| {
+    let finished = read_data(dev, source, size, (Which::Data, 1), |at, piece| {
         written += write_nonzero(out, target, piece, at)?;
         Ok(())
     })?;
@@ -470,20 +494,28 @@ fn copy_device(
 }
 
 /// Writes the device's first `size` bytes into `out`, which is empty, as a
-/// qcow2 image, and syncs it.
+/// qcow2 image, and syncs it. Over `backing`, only the clusters the overlay
+/// holds any of: the rest read from there.
 fn copy_qcow2(
     dev: &Device,
     source: &Path,
-    out: &File,
-    target: &Path,
+    (out, target): (&File, &Path),
     size: u64,
+    backing: Option<&Path>,
 ) -> Result<Merged, Box<dyn std::error::Error>> {
     static ZEROS: [u8; qcow2::CLUSTER as usize] = [0; qcow2::CLUSTER as usize];
-    let mut image = Qcow2Writer::new(out, target, size)?;
-    let finished = read_data(dev, source, size, qcow2::CLUSTER, |at, piece| {
+    let mut image = Qcow2Writer::new(out, target, size, backing)?;
+    let which = match backing {
+        Some(_) => Which::Overlay,
+        None => Which::Data,
+    };
+    let finished = read_data(dev, source, size, (which, qcow2::CLUSTER), |at, piece| {
         for (i, cluster) in piece.chunks(qcow2::CLUSTER as usize).enumerate() {
+            let index = at / qcow2::CLUSTER + i as u64;
             if cluster != &ZEROS[..cluster.len()] {
-                image.write_cluster(at / qcow2::CLUSTER + i as u64, cluster)?;
+                image.write_cluster(index, cluster)?;
+            } else if backing.is_some() {
+                image.zero_cluster(index)?;
             }
         }
         Ok(())
@@ -499,15 +531,25 @@ fn copy_qcow2(
 
 type BoxError = Box<dyn std::error::Error>;
 
-/// Reads the device's first `size` bytes where block status finds data (the
-/// rest reads as zeros) and hands them to `emit` in order, in pieces of at
-/// most `PIECE` that start at multiples of `align` (a power of two that
-/// divides `PIECE`), with a progress bar. `Ok(false)` after Ctrl-C.
+/// Which ranges of the device [`read_data`] reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Which {
+    /// Where block status finds data: the rest reads as zeros.
+    Data,
+    /// What the overlay holds (data or not): the rest reads from the
+    /// backing file.
+    Overlay,
+}
+
+/// Reads the device's first `size` bytes in the ranges `which` names and
+/// hands them to `emit` in order, in pieces of at most `PIECE` that start at
+/// multiples of `align` (a power of two that divides `PIECE`), with a
+/// progress bar. `Ok(false)` after Ctrl-C.
 fn read_data(
     dev: &Device,
     source: &Path,
     size: u64,
-    align: u64,
+    (which, align): (Which, u64),
     mut emit: impl FnMut(u64, &[u8]) -> Result<(), BoxError>,
 ) -> Result<bool, BoxError> {
     let progress = Progress::new(size, "Converting");
@@ -519,11 +561,16 @@ fn read_data(
         let extents = dev
             .block_status(window, window_end - window)
             .map_err(|e| device_err(source, e))?;
-        for (start, end) in data_ranges(&extents, window, window_end) {
-            // Windows start at multiples of `align`, and ranges in one are
-            // at least `MIN_SKIP` apart: widened, they still do not meet.
-            let mut at = start - start % align;
-            let end = end.next_multiple_of(align).min(window_end);
+        let ranges = match which {
+            Which::Data => {
+                pick_ranges(&extents, (window, window_end), align, MIN_SKIP, |e| !e.zero)
+            }
+            Which::Overlay => {
+                pick_ranges(&extents, (window, window_end), align, 0, |e| e.depth == 1)
+            }
+        };
+        for (start, end) in ranges {
+            let mut at = start;
             while at < end {
                 if interrupted() {
                     progress.finish();

@@ -1,6 +1,7 @@
 //! Writing a new qcow2 image (version 3, 64 KiB clusters, 16-bit refcounts,
-//! no backing file), as `ubd convert -O qcow2` does: one pass in order of
-//! guest offset, appending each cluster that holds data, then the tables.
+//! optionally over a raw backing file), as `ubd convert -O qcow2` does: one
+//! pass in order of guest offset, appending each cluster that holds data,
+//! then the tables.
 //!
 //! The file's layout, every cluster in use (refcount 1) and none shared:
 //!
@@ -31,8 +32,15 @@ const REFCOUNTS_PER_BLOCK: u64 = CLUSTER / 2;
 const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
 /// An L1 or L2 entry's flag: the cluster's refcount is exactly 1.
 const COPIED: u64 = 1 << 63;
+/// An L2 entry's flag: the cluster reads as zeros (whatever the backing
+/// file holds there).
+const ZERO: u64 = 1;
 /// The version 3 header's length, with no optional fields.
 const HEADER_LEN: u32 = 104;
+/// Header extension: the backing file's format.
+const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// The longest backing file name qemu reads.
+const MAX_BACKING_NAME: usize = 1023;
 
 /// A qcow2 image being written; see the module's description.
 pub struct Qcow2Writer<'a> {
@@ -40,6 +48,8 @@ pub struct Qcow2Writer<'a> {
     path: PathBuf,
     /// Guest size in bytes, a multiple of 512.
     size: u64,
+    /// The raw backing file's name, as the header records it.
+    backing: Option<String>,
     l1: Vec<u64>,
     /// The next free cluster of the file.
     next: u64,
@@ -52,28 +62,48 @@ pub struct Qcow2Writer<'a> {
 
 impl<'a> Qcow2Writer<'a> {
     /// Starts an image of `size` guest bytes (rounded up to a whole sector,
-    /// as qemu counts sectors) in `file`, which must be empty.
-    pub fn new(file: &'a File, path: &Path, size: u64) -> Result<Self, ImageError> {
+    /// as qemu counts sectors) in `file`, which must be empty; over the raw
+    /// image `backing` if given (clusters not written read from it).
+    pub fn new(
+        file: &'a File,
+        path: &Path,
+        size: u64,
+        backing: Option<&Path>,
+    ) -> Result<Self, ImageError> {
+        let invalid = |op, why: String| ImageError::Io {
+            path: path.to_path_buf(),
+            op,
+            source: io::Error::new(io::ErrorKind::InvalidInput, why),
+        };
+        let backing = match backing.map(|b| b.to_str()) {
+            None => None,
+            Some(Some(name)) if !name.is_empty() && name.len() <= MAX_BACKING_NAME => {
+                Some(name.to_string())
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "cannot name its backing file",
+                    format!("qcow2 backing file names are UTF-8 of 1 to {MAX_BACKING_NAME} bytes"),
+                ));
+            }
+        };
         let size = size.next_multiple_of(512);
         let l1_entries = size.div_ceil(CLUSTER * L2_ENTRIES);
         if l1_entries > MAX_L1_ENTRIES {
-            return Err(ImageError::Io {
-                path: path.to_path_buf(),
-                op: "cannot be written as qcow2",
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "{size} bytes need an L1 table of {l1_entries} entries, more than \
-                         qemu opens ({MAX_L1_ENTRIES}) with 64 KiB clusters"
-                    ),
+            return Err(invalid(
+                "cannot be written as qcow2",
+                format!(
+                    "{size} bytes need an L1 table of {l1_entries} entries, more than \
+                     qemu opens ({MAX_L1_ENTRIES}) with 64 KiB clusters"
                 ),
-            });
+            ));
         }
         let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER).max(1);
         Ok(Qcow2Writer {
             file,
             path: path.to_path_buf(),
             size,
+            backing,
             l1: vec![0; l1_entries as usize],
             next: 1 + l1_clusters,
             l2: None,
@@ -102,17 +132,52 @@ impl<'a> Qcow2Writer<'a> {
 
     /// Writes guest cluster `index` (guest bytes from `index * CLUSTER`):
     /// `data` is at most a cluster, zero-padded to one. Clusters must come in
-    /// increasing order; a cluster never written reads as zeros.
+    /// increasing order; a cluster never written reads as zeros, or from the
+    /// backing file.
     pub fn write_cluster(&mut self, index: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.make_room(index, data.len())?;
+        let at = self.alloc();
+        self.file
+            .write_all_at(data, at)
+            .map_err(self.io("cannot write"))?;
+        if (data.len() as u64) < CLUSTER {
+            let pad = vec![0u8; (CLUSTER - data.len() as u64) as usize];
+            self.file
+                .write_all_at(&pad, at + data.len() as u64)
+                .map_err(self.io("cannot write"))?;
+        }
+        self.set_entry(index, at | COPIED);
+        self.data_clusters += 1;
+        Ok(())
+    }
+
+    /// Marks guest cluster `index` as reading zeros, whatever the backing
+    /// file holds there; no data is written. Order as for
+    /// [`Qcow2Writer::write_cluster`].
+    pub fn zero_cluster(&mut self, index: u64) -> Result<(), ImageError> {
+        self.make_room(index, 0)?;
+        self.set_entry(index, ZERO);
+        Ok(())
+    }
+
+    /// Sets guest cluster `index`'s entry in the current L2 table.
+    fn set_entry(&mut self, index: u64, entry: u64) {
+        if let Some((_, _, entries)) = self.l2.as_mut() {
+            entries[(index % L2_ENTRIES) as usize] = entry;
+        }
+    }
+
+    /// Checks the order and place of guest cluster `index` (with `len` bytes)
+    /// and makes its L2 table the current one.
+    fn make_room(&mut self, index: u64, len: usize) -> Result<(), ImageError> {
         let in_order = self.last.is_none_or(|last| index > last);
         let fits = index.checked_mul(CLUSTER).is_some_and(|at| at < self.size);
-        if !in_order || !fits || data.len() as u64 > CLUSTER {
+        if !in_order || !fits || len as u64 > CLUSTER {
             return Err(self.io("cannot write a cluster")(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "guest cluster {index} ({} bytes) out of order or past the image's \
+                    "guest cluster {index} ({len} bytes) out of order or past the image's \
                      {} bytes",
-                    data.len(),
                     self.size
                 ),
             )));
@@ -127,20 +192,6 @@ impl<'a> Qcow2Writer<'a> {
             self.l1[l1_index as usize] = at | COPIED;
             self.l2 = Some((l1_index, at, vec![0; L2_ENTRIES as usize]));
         }
-        let at = self.alloc();
-        self.file
-            .write_all_at(data, at)
-            .map_err(self.io("cannot write"))?;
-        if (data.len() as u64) < CLUSTER {
-            let pad = vec![0u8; (CLUSTER - data.len() as u64) as usize];
-            self.file
-                .write_all_at(&pad, at + data.len() as u64)
-                .map_err(self.io("cannot write"))?;
-        }
-        if let Some((_, _, entries)) = self.l2.as_mut() {
-            entries[(index % L2_ENTRIES) as usize] = at | COPIED;
-        }
-        self.data_clusters += 1;
         Ok(())
     }
 
@@ -188,7 +239,13 @@ impl<'a> Qcow2Writer<'a> {
         self.file
             .write_all_at(&be_u64s(&self.l1), CLUSTER)
             .map_err(self.io("cannot write the L1 table to"))?;
-        let header = header(self.size, self.l1.len() as u32, table_at, table as u32);
+        let header = header(
+            self.size,
+            self.l1.len() as u32,
+            table_at,
+            table as u32,
+            self.backing.as_deref(),
+        );
         self.file
             .write_all_at(&header, 0)
             .map_err(self.io("cannot write the header to"))?;
@@ -215,13 +272,34 @@ fn be_u64s(values: &[u64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_be_bytes()).collect()
 }
 
-/// The version 3 header, followed by the end of header extensions (zeros).
-fn header(size: u64, l1_size: u32, refcount_table: u64, refcount_clusters: u32) -> Vec<u8> {
-    let mut h = Vec::with_capacity(HEADER_LEN as usize + 8);
+/// The version 3 header, its extensions (the backing file's format, raw,
+/// if it has one) and the backing file's name.
+fn header(
+    size: u64,
+    l1_size: u32,
+    refcount_table: u64,
+    refcount_clusters: u32,
+    backing: Option<&str>,
+) -> Vec<u8> {
+    // The extensions: type, length, data padded to 8 bytes; then type 0.
+    let mut ext = Vec::new();
+    if backing.is_some() {
+        ext.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        ext.extend_from_slice(&3u32.to_be_bytes());
+        ext.extend_from_slice(b"raw\0\0\0\0\0");
+    }
+    ext.extend_from_slice(&[0; 8]);
+    let name = backing.unwrap_or("").as_bytes();
+    let name_at = if name.is_empty() {
+        0
+    } else {
+        u64::from(HEADER_LEN) + ext.len() as u64
+    };
+    let mut h = Vec::with_capacity(HEADER_LEN as usize + ext.len() + name.len());
     h.extend_from_slice(b"QFI\xfb");
     h.extend_from_slice(&3u32.to_be_bytes()); // version
-    h.extend_from_slice(&0u64.to_be_bytes()); // backing file offset
-    h.extend_from_slice(&0u32.to_be_bytes()); // backing file name length
+    h.extend_from_slice(&name_at.to_be_bytes());
+    h.extend_from_slice(&(name.len() as u32).to_be_bytes());
     h.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
     h.extend_from_slice(&size.to_be_bytes());
     h.extend_from_slice(&0u32.to_be_bytes()); // no encryption
@@ -237,7 +315,8 @@ fn header(size: u64, l1_size: u32, refcount_table: u64, refcount_clusters: u32) 
     h.extend_from_slice(&4u32.to_be_bytes()); // refcount order: 16 bits
     h.extend_from_slice(&HEADER_LEN.to_be_bytes());
     debug_assert_eq!(h.len(), HEADER_LEN as usize);
-    h.extend_from_slice(&[0; 8]); // end of header extensions
+    h.extend_from_slice(&ext);
+    h.extend_from_slice(name);
     h
 }
 
@@ -263,7 +342,7 @@ mod tests {
     fn clusters_come_in_order_and_inside_the_image() {
         let f = tempfile::tempfile().unwrap();
         let path = Path::new("test.qcow2");
-        let mut w = Qcow2Writer::new(&f, path, 3 * CLUSTER - 100).unwrap();
+        let mut w = Qcow2Writer::new(&f, path, 3 * CLUSTER - 100, None).unwrap();
         // Rounded up to a whole sector.
         assert_eq!(w.size(), 3 * CLUSTER);
         w.write_cluster(1, &[1; 10]).unwrap();
@@ -280,8 +359,10 @@ mod tests {
     fn a_size_qemu_cannot_open_is_refused() {
         let f = tempfile::tempfile().unwrap();
         let max = MAX_L1_ENTRIES * L2_ENTRIES * CLUSTER;
-        assert!(Qcow2Writer::new(&f, Path::new("a"), max).is_ok());
-        let e = Qcow2Writer::new(&f, Path::new("a"), max + 1).err().unwrap();
+        assert!(Qcow2Writer::new(&f, Path::new("a"), max, None).is_ok());
+        let e = Qcow2Writer::new(&f, Path::new("a"), max + 1, None)
+            .err()
+            .unwrap();
         assert!(
             e.to_string().contains("a: cannot be written as qcow2"),
             "{e}"
