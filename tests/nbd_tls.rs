@@ -479,3 +479,99 @@ fn tls_settings_are_checked_before_serving() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains(wrong.to_str().unwrap()), "{stderr}");
 }
+
+/// In `dir` (made), `server-cert.pem` for the fixture's server key, signed
+/// by the fixture's CA with the validity `start`..`end` (openssl's
+/// `YYYYMMDDHHMMSSZ`), and a copy of the server key and the CA certificate.
+fn certificate_dated(fx: &Fixture, dir: &Path, start: &str, end: &str) {
+    fs::create_dir_all(dir).unwrap();
+    let work = dir.join("ca-work");
+    fs::create_dir_all(&work).unwrap();
+    fs::write(work.join("index.txt"), "").unwrap();
+    fs::write(work.join("serial"), "01\n").unwrap();
+    fs::write(
+        work.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nserial = serial\n\
+         new_certs_dir = .\ndefault_md = sha256\npolicy = p\nunique_subject = no\n\
+         x509_extensions = x\n[p]\ncommonName = supplied\n\
+         [x]\nbasicConstraints = CA:FALSE\nsubjectAltName = DNS:localhost\n",
+    )
+    .unwrap();
+    for f in ["server-key.pem", "ca-cert.pem"] {
+        fs::copy(fx.server_dir().join(f), dir.join(f)).unwrap();
+    }
+    let openssl = tool("openssl", "openssl");
+    run(Command::new(&openssl)
+        .current_dir(&work)
+        .args(["req", "-new", "-subj", "/CN=localhost", "-key"])
+        .arg(dir.join("server-key.pem"))
+        .arg("-out")
+        .arg(work.join("req.csr")));
+    run(Command::new(&openssl)
+        .current_dir(&work)
+        .args([
+            "ca", "-batch", "-notext", "-config", "ca.cnf", "-in", "req.csr",
+        ])
+        .args(["-startdate", start, "-enddate", end, "-cert"])
+        .arg(fx.path("pki/ca/ca-cert.pem"))
+        .arg("-keyfile")
+        .arg(fx.path("pki/ca/ca-key.pem"))
+        .arg("-out")
+        .arg(dir.join("server-cert.pem")));
+}
+
+#[test]
+fn a_certificate_out_of_its_dates_is_named_with_its_date_at_start() {
+    let fx = Fixture::new();
+    // The certificates of the day: no warning about dates.
+    let server = fx.serve(&[]);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "server exit {status}:\n{stderr}");
+    assert!(
+        !stderr.contains("WARN"),
+        "a warning for a certificate valid today:\n{stderr}"
+    );
+
+    for (name, start, end, says, date) in [
+        (
+            "expired",
+            "20200101000000Z",
+            "20210101000000Z",
+            "expired",
+            "2021-01-01T00:00:00Z",
+        ),
+        (
+            "future",
+            "20991231235959Z",
+            "21000101000000Z",
+            "not valid before",
+            "2099-12-31T23:59:59Z",
+        ),
+    ] {
+        let dir = fx.path(name);
+        certificate_dated(&fx, &dir, start, end);
+        let mut args = vec![
+            fx.cow.as_os_str().to_owned(),
+            "--tls-certificates".into(),
+            dir.clone().into_os_string(),
+        ];
+        // The CA's own certificate is checked too, when it is used.
+        args.push("--tls-verify-peer".into());
+        let server = Server::start(&fx.socket(), &args);
+        let (status, stderr) = server.stop();
+        assert!(status.success(), "server exit {status}:\n{stderr}");
+        let cert = dir.join("server-cert.pem").display().to_string();
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("WARN") && l.contains(&cert))
+            .unwrap_or_else(|| panic!("{name}: no warning naming {cert}:\n{stderr}"));
+        assert!(
+            line.contains(says) && line.contains(date),
+            "{name}: the warning should say {says:?} and {date}:\n{line}"
+        );
+        assert!(
+            !stderr.contains("ca-cert.pem"),
+            "{name}: a warning about the CA, which is valid:\n{stderr}"
+        );
+    }
+}

@@ -294,6 +294,10 @@ pub fn init_logging(file: Option<&Path>) -> Result<(), String> {
 /// closes the devices (which flushes them) and cleans up.
 pub fn serve(plan: Plan) -> Outcome {
     init_logging(plan.log_file.as_deref())?;
+    // Before --fork: the command's stderr is still the user's.
+    for warning in plan.tls.iter().flat_map(|t| t.warnings()) {
+        tracing::warn!("{warning}");
+    }
     // Before any thread starts (the signal handler's, the devices'
     // workers): only a single-threaded process forks whole.
     let ready = if plan.fork {

@@ -18,6 +18,8 @@
 //! - [`tls`]: `STARTTLS`: a bridge thread runs the TLS session and passes
 //!   the plaintext through a socket pair, over which the handshake and the
 //!   transmission phase go on unchanged.
+//!   [`x509`] reads a certificate's validity, for the warning at start
+//!   about one that clients will refuse.
 //! - [`server`]: listeners, a thread per connection for the handshake (which
 //!   then waits for the connection's end), and shutdown.
 //! - [`uri`]: the NBD URIs printed for the exports.
@@ -33,3 +35,4 @@ pub mod stream;
 pub mod tls;
 pub mod transmission;
 pub mod uri;
+pub mod x509;

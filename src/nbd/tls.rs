@@ -30,6 +30,7 @@ use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use thiserror::Error;
 
 use super::stream::{Input, Stream};
+use super::x509;
 
 /// The server's certificate chain in the certificates directory.
 pub const SERVER_CERT: &str = "server-cert.pem";
@@ -67,6 +68,8 @@ pub enum TlsError {
 pub struct Tls {
     config: Arc<ServerConfig>,
     mode: TlsMode,
+    /// Certificates that are not valid now, each naming its file and date.
+    warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -91,6 +94,40 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// A warning for each certificate of `certs` (read from `path`) that is not
+/// valid at `now` (Unix seconds); `consequence` says what that breaks.
+fn date_warnings(
+    path: &Path,
+    certs: &[CertificateDer<'_>],
+    now: i64,
+    consequence: &str,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (i, cert) in certs.iter().enumerate() {
+        let Some(v) = x509::validity(cert) else {
+            continue;
+        };
+        let which = match certs.len() {
+            1 => String::new(),
+            n => format!(" (certificate {} of {n})", i + 1),
+        };
+        let file = path.display();
+        if now > v.not_after.0 {
+            warnings.push(format!(
+                "{file}{which}: the certificate expired on {}; {consequence}",
+                v.not_after.1
+            ));
+        } else if now < v.not_before.0 {
+            warnings.push(format!(
+                "{file}{which}: the certificate is not valid before {} (is this \
+                 machine's clock right?); until then {consequence}",
+                v.not_before.1
+            ));
+        }
+    }
+    warnings
+}
+
 impl Tls {
     /// Loads `dir`'s `server-cert.pem` and `server-key.pem` (the layout
     /// qemu-nbd's and nbdkit's certificate directories have). With
@@ -101,7 +138,17 @@ impl Tls {
             dir: dir.to_path_buf(),
             what,
         };
-        let certs = load_certs(&dir.join(SERVER_CERT))?;
+        let cert_path = dir.join(SERVER_CERT);
+        let certs = load_certs(&cert_path)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let mut warnings = date_warnings(
+            &cert_path,
+            &certs,
+            now,
+            "clients that check it will refuse the server",
+        );
         let key_path = dir.join(SERVER_KEY);
         let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::File {
             path: key_path.clone(),
@@ -119,7 +166,14 @@ impl Tls {
         let builder = if verify_peer {
             let mut roots = RootCertStore::empty();
             let ca_path = dir.join(CA_CERT);
-            for cert in load_certs(&ca_path)? {
+            let cas = load_certs(&ca_path)?;
+            warnings.extend(date_warnings(
+                &ca_path,
+                &cas,
+                now,
+                "client certificates will not verify against it",
+            ));
+            for cert in cas {
                 roots.add(cert).map_err(|e| TlsError::File {
                     path: ca_path.clone(),
                     what: format!("not a usable CA certificate: {e}"),
@@ -141,11 +195,19 @@ impl Tls {
         Ok(Tls {
             config: Arc::new(config),
             mode,
+            warnings,
         })
     }
 
     pub fn mode(&self) -> TlsMode {
         self.mode
+    }
+
+    /// What is wrong with the certificates but does not stop the server
+    /// (one that is expired or not valid yet), a line each naming the file
+    /// and the date.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Upgrades `input`'s connection after `STARTTLS` was acknowledged: the
