@@ -484,6 +484,13 @@ fn tls_settings_are_checked_before_serving() {
 /// by the fixture's CA with the validity `start`..`end` (openssl's
 /// `YYYYMMDDHHMMSSZ`), and a copy of the server key and the CA certificate.
 fn certificate_dated(fx: &Fixture, dir: &Path, start: &str, end: &str) {
+    signed_certificate(fx, dir, start, end, true);
+}
+
+/// [`certificate_dated`], and with `v3` false an X.509 v1 certificate (no
+/// extensions), as `openssl x509 -req` without `-extfile` makes before
+/// OpenSSL 3.2.
+fn signed_certificate(fx: &Fixture, dir: &Path, start: &str, end: &str, v3: bool) {
     fs::create_dir_all(dir).unwrap();
     let work = dir.join("ca-work");
     fs::create_dir_all(&work).unwrap();
@@ -493,10 +500,11 @@ fn certificate_dated(fx: &Fixture, dir: &Path, start: &str, end: &str) {
         work.join("ca.cnf"),
         "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nserial = serial\n\
          new_certs_dir = .\ndefault_md = sha256\npolicy = p\nunique_subject = no\n\
-         x509_extensions = x\n[p]\ncommonName = supplied\n\
+         [p]\ncommonName = supplied\n\
          [x]\nbasicConstraints = CA:FALSE\nsubjectAltName = DNS:localhost\n",
     )
     .unwrap();
+    let extensions: &[&str] = if v3 { &["-extensions", "x"] } else { &[] };
     for f in ["server-key.pem", "ca-cert.pem"] {
         fs::copy(fx.server_dir().join(f), dir.join(f)).unwrap();
     }
@@ -512,6 +520,7 @@ fn certificate_dated(fx: &Fixture, dir: &Path, start: &str, end: &str) {
         .args([
             "ca", "-batch", "-notext", "-config", "ca.cnf", "-in", "req.csr",
         ])
+        .args(extensions)
         .args(["-startdate", start, "-enddate", end, "-cert"])
         .arg(fx.path("pki/ca/ca-cert.pem"))
         .arg("-keyfile")
@@ -574,4 +583,92 @@ fn a_certificate_out_of_its_dates_is_named_with_its_date_at_start() {
             "{name}: a warning about the CA, which is valid:\n{stderr}"
         );
     }
+}
+
+#[test]
+fn unusable_key_and_certificate_files_get_an_error_saying_what_is_wrong() {
+    let fx = Fixture::new();
+    let cow = fx.cow.to_str().unwrap();
+    let socket = fx.path("refused.sock");
+    let openssl = tool("openssl", "openssl");
+    let refused = |dir: &Path| {
+        let (code, stderr) =
+            serve_refused(&socket, &[cow, "--tls-certificates", dir.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{stderr}");
+        stderr
+    };
+    let with_server_files = |name: &str| {
+        let dir = fx.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        for f in ["server-cert.pem", "server-key.pem", "ca-cert.pem"] {
+            fs::copy(fx.server_dir().join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+
+    // A key with a passphrase, in both PEM forms openssl writes.
+    for (name, args) in [
+        ("pkcs8", &["pkcs8", "-topk8", "-passout", "pass:x"][..]),
+        ("legacy", &["ec", "-aes256", "-passout", "pass:x"][..]),
+    ] {
+        let dir = with_server_files(name);
+        let key = dir.join("server-key.pem");
+        run(Command::new(&openssl)
+            .args(args)
+            .arg("-in")
+            .arg(fx.server_dir().join("server-key.pem"))
+            .arg("-out")
+            .arg(&key));
+        let stderr = refused(&dir);
+        assert!(
+            stderr.contains(&key.display().to_string()) && stderr.contains("encrypted"),
+            "{name}: the error should name {} and say it is encrypted: {stderr}",
+            key.display()
+        );
+    }
+
+    // No key at all: the certificate where the key should be.
+    let dir = with_server_files("nokey");
+    let key = dir.join("server-key.pem");
+    fs::copy(dir.join("server-cert.pem"), &key).unwrap();
+    let stderr = refused(&dir);
+    assert!(
+        stderr.contains(&key.display().to_string()) && stderr.contains("no private key"),
+        "{stderr}"
+    );
+
+    // A certificate cut off before its END line.
+    let dir = with_server_files("cut");
+    let cert = dir.join("server-cert.pem");
+    let text = fs::read(&cert).unwrap();
+    fs::write(&cert, &text[..text.len() / 2]).unwrap();
+    let stderr = refused(&dir);
+    assert!(
+        stderr.contains(&cert.display().to_string()) && stderr.contains("END"),
+        "the error should name {} and its missing END line: {stderr}",
+        cert.display()
+    );
+
+    // An X.509 v1 certificate, which rustls does not take.
+    let dir = fx.path("v1");
+    signed_certificate(&fx, &dir, "20200101000000Z", "20991231235959Z", false);
+    let cert = dir.join("server-cert.pem");
+    let stderr = refused(&dir);
+    assert!(
+        stderr.contains(&cert.display().to_string()) && stderr.contains("v1"),
+        "the error should name {} and say it is v1: {stderr}",
+        cert.display()
+    );
+
+    // A key that is not the certificate's: both files named.
+    let dir = with_server_files("mismatch");
+    let key = dir.join("server-key.pem");
+    fs::copy(fx.path("client-auth/client-key.pem"), &key).unwrap();
+    let stderr = refused(&dir);
+    assert!(
+        stderr.contains(&key.display().to_string())
+            && stderr.contains(&dir.join("server-cert.pem").display().to_string())
+            && stderr.contains("not the private key"),
+        "{stderr}"
+    );
 }

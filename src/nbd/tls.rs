@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
@@ -84,14 +84,56 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         path: path.to_path_buf(),
         what,
     };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(format!("cannot read certificates: {e}")))?
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read certificates: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("bad PEM: {e}")))?;
+        .map_err(|e| bad(format!("bad PEM: {}", pem_error(&e))))?;
     if certs.is_empty() {
         return Err(bad("no certificate in the file".to_string()));
     }
     Ok(certs)
+}
+
+/// The private key in the PEM file `path`.
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bad = |what: String| TlsError::File {
+        path: path.to_path_buf(),
+        what,
+    };
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read the private key: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&text).map_err(|e| {
+        // rustls reads no encrypted key, and would call one "no items"
+        // (PKCS #8) or a base64 error (openssl's legacy form).
+        let lossy = String::from_utf8_lossy(&text);
+        if lossy.contains("ENCRYPTED PRIVATE KEY") || lossy.contains("Proc-Type: 4,ENCRYPTED") {
+            return bad(
+                "the private key is encrypted (it has a passphrase); ubd reads \
+                 unencrypted keys only: `openssl pkey -in KEY -out NEW` writes one \
+                 (keep it private: mode 600)"
+                    .to_string(),
+            );
+        }
+        bad(match e {
+            pem::Error::NoItemsFound => "no private key in the file (a PEM block \
+                 BEGIN PRIVATE KEY, BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)"
+                .to_string(),
+            e => format!("cannot read the private key: {}", pem_error(&e)),
+        })
+    })
+}
+
+/// A PEM error in words (rustls's own shows the marker as a list of bytes).
+fn pem_error(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { end_marker } => format!(
+            "no \"-----END {}-----\" line: the file is cut off",
+            String::from_utf8_lossy(end_marker)
+        ),
+        pem::Error::IllegalSectionStart { line } => {
+            format!("bad BEGIN line {:?}", String::from_utf8_lossy(line))
+        }
+        e => e.to_string(),
+    }
 }
 
 /// A warning for each certificate of `certs` (read from `path`) that is not
@@ -150,10 +192,7 @@ impl Tls {
             "clients that check it will refuse the server",
         );
         let key_path = dir.join(SERVER_KEY);
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::File {
-            path: key_path.clone(),
-            what: format!("cannot read the private key: {e}"),
-        })?;
+        let key = load_key(&key_path)?;
         // ring, not rustls's default aws-lc-rs, which would add a large C
         // build to every build of the project; ring lacks only the
         // post-quantum key exchanges, and clients fall back to X25519 or
@@ -186,9 +225,24 @@ impl Tls {
         } else {
             builder.with_no_client_auth()
         };
-        let mut config = builder
-            .with_single_cert(certs, key)
-            .map_err(|e| config_error(format!("{SERVER_CERT} and {SERVER_KEY}: {e}")))?;
+        let v1 = x509::version(&certs[0]) == Some(1);
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| match e {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::File {
+                    path: key_path.clone(),
+                    what: format!("not the private key of {}", cert_path.display()),
+                }
+            }
+            rustls::Error::InvalidCertificate(_) if v1 => TlsError::File {
+                path: cert_path.clone(),
+                what: "an X.509 v1 certificate (one without extensions), which rustls \
+                       does not accept: make a v3 one, with a subjectAltName for the \
+                       server's names (scripts/tls-certs does; `openssl x509 -req` \
+                       needs -extfile for it)"
+                    .to_string(),
+            },
+            e => config_error(format!("{SERVER_CERT} and {SERVER_KEY}: {e}")),
+        })?;
         // No TLS 1.3 session tickets: an NBD connection lasts, and resuming
         // one saves nothing worth a ticket per connection.
         config.send_tls13_tickets = 0;

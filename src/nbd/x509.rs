@@ -3,7 +3,8 @@
 //! about a certificate that clients will refuse (expired, or not valid
 //! yet). rustls checks neither for the server's own certificate; GnuTLS
 //! clients (libnbd, qemu) refuse it in the handshake, with a message the
-//! server never sees.
+//! server never sees. And its version, to say why rustls refuses a v1
+//! certificate.
 //!
 //! Only the path to the validity is parsed (certificate, to-be-signed part,
 //! version, serial, signature algorithm, issuer, validity), strictly inside
@@ -20,12 +21,7 @@ pub struct Validity {
 /// The validity of the DER certificate `der`, or `None` if it cannot be
 /// read.
 pub fn validity(der: &[u8]) -> Option<Validity> {
-    let (0x30, cert, _) = element(der)? else {
-        return None;
-    };
-    let (0x30, tbs, _) = element(cert)? else {
-        return None;
-    };
+    let tbs = to_be_signed(der)?;
     // The version, [0] EXPLICIT, is there for v2 and v3.
     let mut rest = match element(tbs)? {
         (0xa0, _, rest) => rest,
@@ -50,6 +46,30 @@ pub fn validity(der: &[u8]) -> Option<Validity> {
         not_before,
         not_after,
     })
+}
+
+/// The X.509 version of the DER certificate `der` (1, 2 or 3), or `None`
+/// if it cannot be read.
+pub fn version(der: &[u8]) -> Option<u8> {
+    match element(to_be_signed(der)?)? {
+        (0xa0, explicit, _) => match element(explicit)? {
+            (0x02, &[v], _) if v < 3 => Some(v + 1),
+            _ => None,
+        },
+        // DEFAULT v1: absent.
+        _ => Some(1),
+    }
+}
+
+/// The contents of the certificate's `tbsCertificate`.
+fn to_be_signed(der: &[u8]) -> Option<&[u8]> {
+    let (0x30, cert, _) = element(der)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = element(cert)? else {
+        return None;
+    };
+    Some(tbs)
 }
 
 /// The DER element at the start of `der`: its tag, its contents and what
@@ -172,6 +192,15 @@ mod tests {
         let v = validity(&v1).expect("a v1 certificate's validity");
         assert_eq!(v.not_before.1, "2049-12-31T23:59:59Z");
         assert_eq!(v.not_after, (-631_152_000, "1950-01-01T00:00:00Z".into()));
+    }
+
+    #[test]
+    fn reads_the_version() {
+        let v3 = cert(true, (0x17, "200101000000Z"), (0x17, "210101000000Z"));
+        assert_eq!(version(&v3), Some(3));
+        let v1 = cert(false, (0x17, "200101000000Z"), (0x17, "210101000000Z"));
+        assert_eq!(version(&v1), Some(1));
+        assert_eq!(version(&v3[..v3.len() - 1]), None);
     }
 
     #[test]
