@@ -20,7 +20,8 @@ const NBD_PORT: u16 = 10809;
 /// Serve an overlay (or a raw image) over NBD until stopped.
 ///
 /// Listens on a Unix socket (--socket; by default FILE.sock beside the first
-/// export), and on TCP only when asked (--bind / --port). With systemd socket
+/// export), or on TCP when asked (--bind / --port; then on a Unix socket too
+/// only if --socket names one). With systemd socket
 /// activation (LISTEN_FDS) it uses the sockets it was given instead. Any
 /// number of clients may connect, one after another and at once; they share
 /// one device per export, so a FLUSH on one connection covers writes
@@ -38,7 +39,7 @@ const NBD_PORT: u16 = 10809;
 ///   ubd serve vm.cow --socket /run/vm.sock
 ///   ubd serve --export a=one.cow --export b=two.cow --socket /tmp/nbd.sock
 ///   ubd serve base.img --read-only --bind 127.0.0.1 --port 10809
-///   ubd serve vm.cow --bind 0.0.0.0 --tls-certificates /etc/pki/ubd
+///   ubd serve vm.cow --bind 0.0.0.0 --tls-certificates /etc/pki/ubd/server
 ///
 /// Then, for example: nbdinfo 'nbd+unix:///?socket=/run/vm.sock'.
 /// Logging: RUST_LOG=debug (default info), to stderr.
