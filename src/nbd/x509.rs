@@ -98,6 +98,10 @@ fn element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 /// A UTCTime (tag 0x17, `YYMMDDHHMMSSZ`, years 1950-2049) or
 /// GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`).
 fn time(tag: u8, bytes: &[u8]) -> Option<(i64, String)> {
+    // ASCII only: the slicing below is by byte.
+    if !bytes.is_ascii() {
+        return None;
+    }
     let text = std::str::from_utf8(bytes).ok()?;
     let (year, rest) = match tag {
         0x17 if text.len() == 13 => {
@@ -148,6 +152,17 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_with_characters_beyond_ascii_is_none() {
+        // 13 bytes of valid UTF-8 whose byte 2 is inside a character.
+        let text = "2\u{e9}101000000Z".as_bytes();
+        assert_eq!(text.len(), 13);
+        assert_eq!(time(0x17, text), None);
+        let text = "20300101\u{e9}0000Z".as_bytes();
+        assert_eq!(text.len(), 15);
+        assert_eq!(time(0x18, text), None);
+    }
 
     /// A DER element with a short or long length.
     fn tlv(tag: u8, contents: &[u8]) -> Vec<u8> {
