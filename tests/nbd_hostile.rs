@@ -155,6 +155,15 @@ fn peak_rss_kib(pid: u32) -> u64 {
 /// image), stop it with SIGTERM (exit 0), check the overlay and the backing
 /// image. Returns the script's stdout.
 fn hostile_case(case: &str, extra: &[&str], unchanged: &[(usize, usize)]) -> String {
+    hostile_case_and_log(case, extra, unchanged).0
+}
+
+/// [`hostile_case`], returning the server's log (stderr) too.
+fn hostile_case_and_log(
+    case: &str,
+    extra: &[&str],
+    unchanged: &[(usize, usize)],
+) -> (String, String) {
     let fx = Fixture::new();
     let server = fx.serve(extra);
     let out = fx.run_case(case, &server);
@@ -205,7 +214,7 @@ fn hostile_case(case: &str, extra: &[&str], unchanged: &[(usize, usize)]) -> Str
         fx.base_before,
         "after {case}: the backing image changed (content or mtime)"
     );
-    stdout
+    (stdout, stderr)
 }
 
 const WHOLE: &[(usize, usize)] = &[(0, SIZE)];
@@ -295,7 +304,21 @@ fn clients_stalled_mid_handshake_header_or_payload_hold_up_no_one() {
 
 #[test]
 fn a_handshake_that_takes_too_long_in_all_is_closed() {
-    hostile_case("slow_handshake", &["--handshake-limit", "2"], WHOLE);
+    let (_, log) = hostile_case_and_log("slow_handshake", &["--handshake-limit", "2"], WHOLE);
+    // The cut is logged as such, and not again as a failed handshake.
+    let cut = log
+        .lines()
+        .find(|l| l.contains("handshake took too long"))
+        .unwrap_or_else(|| panic!("no cut in the log:\n{log}"));
+    let id = cut
+        .split_whitespace()
+        .find(|w| w.starts_with("id="))
+        .unwrap();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("handshake failed") && l.split_whitespace().any(|w| w == id)),
+        "{log}"
+    );
 }
 
 #[test]

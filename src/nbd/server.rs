@@ -260,6 +260,8 @@ impl Drop for Listener {
 enum Phase {
     /// In its handshake, which must end by then (if there is a limit).
     Handshake(Option<Instant>),
+    /// Its handshake ran out of time, and its socket was shut down.
+    Cut,
     Serving,
 }
 
@@ -299,13 +301,21 @@ impl Registry {
                     tracing::info!(id, peer = %s.peer(), "handshake took too long: closing");
                     let _ = s.shutdown(Shutdown::Both);
                     // Closed: no need to look at it again.
-                    *phase = Phase::Handshake(None);
+                    *phase = Phase::Cut;
                 }
                 Phase::Handshake(Some(t)) => next = Some(next.map_or(t, |n| n.min(t))),
-                Phase::Handshake(None) | Phase::Serving => {}
+                Phase::Handshake(None) | Phase::Cut | Phase::Serving => {}
             }
         }
         next
+    }
+
+    /// Whether connection `id`'s handshake was cut for taking too long.
+    fn was_cut(&self, id: u64) -> bool {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams
+            .get(&id)
+            .is_some_and(|(_, phase)| *phase == Phase::Cut)
     }
 
     fn serving(&self, id: u64) {
@@ -534,6 +544,12 @@ fn connection(entry: &Entry, stream: Stream, exports: &Exports, tls: Option<&Tls
         Ok(s) => s,
         Err(HandshakeError::Aborted) => {
             tracing::debug!(id, %peer, "the client ended the handshake");
+            input.close();
+            return;
+        }
+        // The cut was logged; what the handshake met then follows from it.
+        Err(e) if entry.registry.was_cut(id) => {
+            tracing::debug!(id, %peer, "after the cut, the handshake ended: {e}");
             input.close();
             return;
         }
