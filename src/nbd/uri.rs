@@ -18,10 +18,16 @@ pub fn unix(tls: bool, socket: &Path, export: &str) -> String {
     )
 }
 
-/// `nbd://HOST:PORT/EXPORT` (`nbds` with `tls`).
+/// `nbd://HOST:PORT/EXPORT` (`nbds` with `tls`). A server listening on
+/// every address (`0.0.0.0`, `::`) is printed as `localhost`: a client can
+/// connect to that, and a server certificate names it (as `scripts/tls-certs`
+/// makes them), where neither holds for the unspecified address.
 pub fn tcp(tls: bool, addr: SocketAddr, export: &str) -> String {
     let s = if tls { "s" } else { "" };
     let export = encode(export.as_bytes());
+    if addr.ip().is_unspecified() {
+        return format!("nbd{s}://localhost:{}/{export}", addr.port());
+    }
     match addr {
         // Without the zone of a link-local address: the client names its own.
         SocketAddr::V6(a) => format!("nbd{s}://[{}]:{}/{export}", a.ip(), a.port()),
@@ -63,6 +69,18 @@ mod tests {
         assert_eq!(
             tcp(true, "[::1]:10809".parse().unwrap(), ""),
             "nbds://[::1]:10809/"
+        );
+    }
+
+    #[test]
+    fn a_server_on_every_address_is_reached_at_localhost() {
+        assert_eq!(
+            tcp(true, "0.0.0.0:10809".parse().unwrap(), "d"),
+            "nbds://localhost:10809/d"
+        );
+        assert_eq!(
+            tcp(false, "[::]:7".parse().unwrap(), ""),
+            "nbd://localhost:7/"
         );
     }
 
