@@ -463,3 +463,43 @@ fn create_raw_image_and_sizes() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown size unit"));
 }
+
+/// A qcow2, VMDK or VDI file given where a raw image goes is still read as
+/// a raw disk, but `info` says what it looks like, and the verbs that read
+/// it warn, naming the file. qemu-img makes the images.
+#[test]
+fn images_of_other_formats_are_named_for_what_they_look_like() {
+    let dir = tempfile::tempdir().unwrap();
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    for (format, name) in [("qcow2", "qcow2"), ("vmdk", "VMDK"), ("vdi", "VDI")] {
+        let path = dir.path().join(format!("disk.{format}"));
+        run(Command::new(&qemu_img)
+            .args(["create", "-q", "-f", format])
+            .arg(&path)
+            .arg("16M"));
+        let report = info(&path);
+        assert_eq!(report["format"], "raw", "{report}");
+        assert_eq!(report["starts_like"], name, "{report}");
+        let human = run(ubd().arg("info").arg(&path));
+        assert!(
+            human.contains(&format!("starts with a {name} header")),
+            "{human}"
+        );
+        let out = output(ubd().arg("map").arg(&path));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{}: starts with a {name} header", path.display())),
+            "ubd map does not warn: {stderr}"
+        );
+    }
+    // A raw disk with a file system (or nothing) at its start: no such word.
+    let raw = dir.path().join("fs.img");
+    sparse_file(&raw, 16 << 20);
+    run(Command::new(tool("mkfs.ext4", "e2fsprogs"))
+        .args(["-q", "-F"])
+        .arg(&raw));
+    assert_eq!(info(&raw).get("starts_like"), None);
+    let out = output(ubd().arg("map").arg(&raw));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("header"));
+}

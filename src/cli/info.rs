@@ -51,6 +51,10 @@ struct Report {
     file_length: u64,
     /// Bytes allocated on disk.
     actual_size: u64,
+    /// A raw image that starts with another disk image format's header:
+    /// that format's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    starts_like: Option<&'static str>,
     #[serde(flatten)]
     cow: Option<CowReport>,
 }
@@ -85,6 +89,7 @@ fn raw_report(raw: &RawImage) -> Report {
         virtual_size: raw.len,
         file_length: raw.len,
         actual_size: raw.allocated,
+        starts_like: raw.container,
         cow: None,
     }
 }
@@ -107,6 +112,7 @@ fn cow_report(
         virtual_size: g.capacity(),
         file_length: cow.file_len,
         actual_size: cow.allocated,
+        starts_like: None,
         cow: Some(CowReport {
             version: h.version.number(),
             layout: h.version.name(),
@@ -135,7 +141,14 @@ fn sized(bytes: u64) -> String {
 fn print_human(r: &Report) {
     println!("image: {}", r.filename);
     match &r.cow {
-        None => println!("format: raw (no COW magic: a plain disk image)"),
+        None => match r.starts_like {
+            None => println!("format: raw (no COW magic: a plain disk image)"),
+            Some(f) => println!(
+                "format: raw (no COW magic), but it starts with a {f} header: ubd reads it \
+                 as a plain disk image; if it is a {f} image, `qemu-img convert -O raw` \
+                 makes a raw image of the disk it holds"
+            ),
+        },
         Some(c) => println!(
             "format: UML COW {} (magic {})",
             c.layout, c.magic_byte_order

@@ -139,6 +139,51 @@ pub struct RawImage {
     pub len: u64,
     /// Bytes allocated on disk.
     pub allocated: u64,
+    /// The image format whose header the file starts with, if any (see
+    /// [`container_format`]): ubd still reads it as a raw disk.
+    pub container: Option<&'static str>,
+}
+
+/// The disk image format whose header `head` (a file's first bytes) starts
+/// with, for those that hold a disk rather than being one: qcow, qcow2,
+/// QED, VMDK, VHDX, VHD and VDI. ubd reads any file that is not a UML COW
+/// overlay as a raw disk, which is right for such a file only if a guest
+/// wrote that header itself; more likely it was given the wrong file. A file
+/// system or LUKS header at offset 0 is the content of a raw disk, not
+/// another format, and is not named here.
+pub fn container_format(head: &[u8]) -> Option<&'static str> {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, b"QFI\xfb") {
+        let version = head
+            .get(4..8)
+            .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+        return Some(if version == Some(1) { "qcow" } else { "qcow2" });
+    }
+    let formats: [(usize, &[u8], &'static str); 7] = [
+        (0, b"QED\0", "QED"),
+        (0, b"KDMV", "VMDK"),
+        (0, b"COWD", "VMDK"),
+        (0, b"# Disk DescriptorFile", "VMDK"),
+        (0, b"vhdxfile", "VHDX"),
+        (0, b"conectix", "VHD"),
+        // VDI: its signature after a 64-byte text line.
+        (0x40, &[0x7f, 0x10, 0xda, 0xbe], "VDI"),
+    ];
+    formats
+        .iter()
+        .find(|(offset, magic, _)| at(*offset, magic))
+        .map(|(_, _, name)| *name)
+}
+
+/// The warning for a file ubd reads as a raw disk that starts with the
+/// header of `format` (see [`container_format`]).
+pub fn container_warning(path: &Path, format: &str) -> String {
+    format!(
+        "{}: starts with a {format} header, but ubd reads it as a raw disk image \
+         (its {format} header and tables included); if it is a {format} image, \
+         `qemu-img convert -O raw` makes a raw image of the disk it holds",
+        path.display()
+    )
 }
 
 /// A UML COW overlay, opened read-only for inspection.
@@ -197,6 +242,7 @@ impl Image {
                 path: path.to_path_buf(),
                 len: backing::stamp(path)?.size,
                 allocated,
+                container: container_format(&buf[..n]),
             })),
             Err(source) => Err(ImageError::Format {
                 path: path.to_path_buf(),
@@ -317,5 +363,40 @@ mod tests {
         // The real limit is half the memory: a claim of all of it is refused.
         let ram = nix::sys::sysinfo::sysinfo().unwrap().ram_total();
         assert!(bitmap_buffer(path, ram).is_err());
+    }
+}
+
+#[cfg(test)]
+mod container_tests {
+    use super::container_format;
+
+    #[test]
+    fn disk_image_formats_are_named_and_disk_contents_are_not() {
+        let with = |offset: usize, magic: &[u8]| {
+            let mut head = vec![0u8; 4096];
+            head[offset..offset + magic.len()].copy_from_slice(magic);
+            head
+        };
+        let mut qcow2 = with(0, b"QFI\xfb");
+        qcow2[7] = 3;
+        assert_eq!(container_format(&qcow2), Some("qcow2"));
+        let mut qcow = with(0, b"QFI\xfb");
+        qcow[7] = 1;
+        assert_eq!(container_format(&qcow), Some("qcow"));
+        assert_eq!(container_format(&with(0, b"KDMV")), Some("VMDK"));
+        assert_eq!(container_format(&with(0, b"vhdxfile")), Some("VHDX"));
+        assert_eq!(container_format(&with(0, b"conectix")), Some("VHD"));
+        assert_eq!(
+            container_format(&with(0x40, &[0x7f, 0x10, 0xda, 0xbe])),
+            Some("VDI")
+        );
+        assert_eq!(container_format(&with(0, b"QED\0")), Some("QED"));
+        // Contents of a raw disk: nothing, LUKS, an ext4 superblock.
+        assert_eq!(container_format(&[0u8; 512]), None);
+        assert_eq!(container_format(&with(0, b"LUKS\xba\xbe")), None);
+        assert_eq!(container_format(&with(0x438, &[0x53, 0xef])), None);
+        // Short files.
+        assert_eq!(container_format(b"QF"), None);
+        assert_eq!(container_format(b""), None);
     }
 }

@@ -210,6 +210,9 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenImage, ImageError> {
         Err(e) => return Err(format_err(e)),
     };
     let Some(header) = header else {
+        if let Some(format) = super::container_format(&head[..n]) {
+            tracing::warn!("{}", super::container_warning(path, format));
+        }
         let (file, direct) = open_file(path, write, opts.cache)?;
         let len = len_of(&file, path)?;
         // Direct I/O needs whole sectors: a raw image with a ragged end is
