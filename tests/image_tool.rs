@@ -492,6 +492,26 @@ fn images_of_other_formats_are_named_for_what_they_look_like() {
             stderr.contains(&format!("{}: starts with a {name} header", path.display())),
             "ubd map does not warn: {stderr}"
         );
+        // As an overlay's backing file: `create` and the readers warn.
+        let cow = dir.path().join(format!("over-{format}.cow"));
+        let out = output(ubd().args(["create", "--backing"]).arg(&path).arg(&cow));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let warning = format!(
+            "the backing file {}: starts with a {name} header",
+            path.display()
+        );
+        assert!(
+            stderr.contains(&warning),
+            "ubd create does not warn: {stderr}"
+        );
+        let out = output(ubd().arg("map").arg(&cow));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{}: {warning}", cow.display())),
+            "ubd map of the overlay does not warn: {stderr}"
+        );
     }
     // A raw disk with a file system (or nothing) at its start: no such word.
     let raw = dir.path().join("fs.img");

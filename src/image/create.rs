@@ -90,6 +90,9 @@ pub fn create_overlay(cow: &Path, backing: &Path, force: bool) -> Result<Header,
     let resolved = backing::resolve(backing)?;
     // Only a regular file can be a backing file.
     backing::vet(cow, backing, None)?;
+    if let Ok(file) = File::open(&resolved) {
+        super::warn_if_container(&file, &resolved, Some(cow));
+    }
     let stamp = backing::stamp(&resolved)?;
     let mtime = u32::try_from(stamp.mtime).map_err(|_| ImageError::MtimeOutOfRange {
         path: resolved.clone(),

@@ -186,6 +186,26 @@ pub fn container_warning(path: &Path, format: &str) -> String {
     )
 }
 
+/// Logs [`container_warning`] if `file` (at `path`; the backing file of
+/// `overlay`, if given) starts with another disk image format's header.
+/// A file it cannot read gets no warning: its readers say why.
+pub fn warn_if_container(file: &File, path: &Path, overlay: Option<&Path>) {
+    let mut head = [0u8; 512];
+    let Ok(n) = read_full_at(file, &mut head, 0) else {
+        return;
+    };
+    if let Some(format) = container_format(&head[..n]) {
+        match overlay {
+            Some(o) => tracing::warn!(
+                "{}: the backing file {}",
+                o.display(),
+                container_warning(path, format)
+            ),
+            None => tracing::warn!("{}", container_warning(path, format)),
+        }
+    }
+}
+
 /// A UML COW overlay, opened read-only for inspection.
 #[derive(Debug)]
 pub struct CowImage {

@@ -156,6 +156,7 @@ fn open_backing(
         op,
         source,
     };
+    super::warn_if_container(&file, &resolved, Some(overlay));
     let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
     // Direct I/O only where the file system takes it at sector alignment,
     // on the same file.
