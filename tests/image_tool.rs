@@ -492,6 +492,23 @@ fn images_of_other_formats_are_named_for_what_they_look_like() {
             stderr.contains(&format!("{}: starts with a {name} header", path.display())),
             "ubd map does not warn: {stderr}"
         );
+        // Imported as a raw image: `convert --import` warns.
+        let base = dir.path().join("zero.img");
+        sparse_file(&base, 16 << 20);
+        let imported = dir.path().join(format!("imported-{format}.cow"));
+        let out = output(
+            ubd()
+                .args(["convert", "--import"])
+                .arg(&path)
+                .arg("--backing")
+                .arg(&base)
+                .arg(&imported),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{}: starts with a {name} header", path.display())),
+            "ubd convert --import does not warn: {stderr}"
+        );
         // As an overlay's backing file: `create` and the readers warn.
         let cow = dir.path().join(format!("over-{format}.cow"));
         let out = output(ubd().args(["create", "--backing"]).arg(&path).arg(&cow));
