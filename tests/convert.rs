@@ -535,6 +535,64 @@ fn qcow2_over_the_backing_file_holds_the_overlays_clusters_only() {
     }
 }
 
+/// A qcow2 image is the device's size (the backing file's, rounded up to a
+/// whole sector, as qemu and the device both count it), so it holds what
+/// the overlay has written past the backing file's last byte, in that
+/// sector: qemu reads there what the device reads.
+#[test]
+fn qcow2_keeps_what_the_overlay_holds_past_the_backing_files_end() {
+    let size = 3 * 64 * 1024 + 1000;
+    let dir = Dir::new();
+    let (base, cow) = (dir.join("base.img"), dir.join("vm.cow"));
+    let mut model = make_base(&base, size, &[(0, size)], 9);
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    let padded = size.next_multiple_of(512);
+    model.resize(padded as usize, 0);
+    // Through the device, whose capacity is the rounded size: the last
+    // sector, across the backing file's end.
+    change(
+        &cow,
+        &[Change::Write(size - 10, pseudo_random_bytes(33, 34))],
+        &mut model,
+    );
+    let dev = Device::open(
+        &cow,
+        &DeviceOptions {
+            read_only: true,
+            ..DeviceOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dev.capacity(), padded);
+    let mut device_reads = vec![0u8; padded as usize];
+    dev.read_at(0, &mut device_reads).unwrap();
+    dev.close().unwrap();
+    assert_same("the device vs the model", &device_reads, &model);
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    for (name, extra) in [
+        ("plain.qcow2", None),
+        ("over.qcow2", Some("--keep-backing")),
+    ] {
+        let qcow2 = dir.join(name);
+        run(ubd()
+            .args(["convert", "-O", "qcow2"])
+            .args(extra)
+            .arg(&cow)
+            .arg(&qcow2));
+        let back = dir.join("back.img");
+        let _ = fs::remove_file(&back);
+        run(Command::new(&qemu_img)
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(&qcow2)
+            .arg(&back));
+        assert_same(
+            &format!("qemu's read of {name} vs the device's"),
+            &read_all(&back),
+            &device_reads,
+        );
+    }
+}
+
 #[test]
 fn other_output_formats_are_refused() {
     let dir = Dir::new();
