@@ -593,6 +593,45 @@ fn qcow2_keeps_what_the_overlay_holds_past_the_backing_files_end() {
     }
 }
 
+/// An image of no bytes has no L1 table: qemu-img check finds no cluster
+/// that nothing uses.
+#[test]
+fn qcow2_of_an_empty_image_has_no_leaked_cluster() {
+    let dir = Dir::new();
+    let (base, cow) = (dir.join("base.img"), dir.join("vm.cow"));
+    File::create(&base).unwrap();
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    for (name, extra) in [
+        ("plain.qcow2", None),
+        ("over.qcow2", Some("--keep-backing")),
+    ] {
+        let qcow2 = dir.join(name);
+        run(ubd()
+            .args(["convert", "-O", "qcow2"])
+            .args(extra)
+            .arg(&cow)
+            .arg(&qcow2));
+        let checked = output(
+            Command::new(&qemu_img)
+                .args(["check", "-f", "qcow2"])
+                .arg(&qcow2),
+        );
+        let said = String::from_utf8_lossy(&checked.stdout);
+        assert!(
+            checked.status.success() && said.contains("No errors were found"),
+            "qemu-img check {name}: {}\n{said}{}",
+            checked.status,
+            String::from_utf8_lossy(&checked.stderr)
+        );
+        let info: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+            .args(["info", "--output", "json", "-f", "qcow2"])
+            .arg(&qcow2)))
+        .unwrap();
+        assert_eq!(info["virtual-size"].as_u64(), Some(0), "{info}");
+    }
+}
+
 #[test]
 fn other_output_formats_are_refused() {
     let dir = Dir::new();

@@ -98,7 +98,9 @@ impl<'a> Qcow2Writer<'a> {
                 ),
             ));
         }
-        let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER).max(1);
+        // An image of no bytes has no L1 table (and no cluster for one:
+        // qemu-img check would find it leaked).
+        let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER);
         Ok(Qcow2Writer {
             file,
             path: path.to_path_buf(),
@@ -239,9 +241,11 @@ impl<'a> Qcow2Writer<'a> {
         self.file
             .write_all_at(&be_u64s(&self.l1), CLUSTER)
             .map_err(self.io("cannot write the L1 table to"))?;
+        // No table: offset 0, as qemu-img create writes it.
+        let l1_at = if self.l1.is_empty() { 0 } else { CLUSTER };
         let header = header(
             self.size,
-            self.l1.len() as u32,
+            (self.l1.len() as u32, l1_at),
             table_at,
             table as u32,
             self.backing.as_deref(),
@@ -276,7 +280,7 @@ fn be_u64s(values: &[u64]) -> Vec<u8> {
 /// if it has one) and the backing file's name.
 fn header(
     size: u64,
-    l1_size: u32,
+    (l1_size, l1_at): (u32, u64),
     refcount_table: u64,
     refcount_clusters: u32,
     backing: Option<&str>,
@@ -304,7 +308,7 @@ fn header(
     h.extend_from_slice(&size.to_be_bytes());
     h.extend_from_slice(&0u32.to_be_bytes()); // no encryption
     h.extend_from_slice(&l1_size.to_be_bytes());
-    h.extend_from_slice(&CLUSTER.to_be_bytes()); // the L1 table's offset
+    h.extend_from_slice(&l1_at.to_be_bytes()); // the L1 table's offset
     h.extend_from_slice(&refcount_table.to_be_bytes());
     h.extend_from_slice(&refcount_clusters.to_be_bytes());
     h.extend_from_slice(&0u32.to_be_bytes()); // snapshots
