@@ -143,3 +143,70 @@ fn a_submitted_request_and_a_connections_later_one_reach_the_host_in_ticket_orde
     let dev = Arc::try_unwrap(dev).unwrap();
     dev.close().unwrap();
 }
+
+/// A protocol that closes at once, and whose drop takes a while before it
+/// lets go of what it holds.
+struct SlowToDrop {
+    held: Option<Arc<()>>,
+}
+
+impl Drop for SlowToDrop {
+    fn drop(&mut self) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        self.held.take();
+    }
+}
+
+impl Protocol for SlowToDrop {
+    fn input(&mut self, _input: &[u8], _cx: &mut ConnCx<'_>) -> Step {
+        Step::Close {
+            consumed: 0,
+            why: None,
+        }
+    }
+
+    fn complete(
+        &mut self,
+        _token: u64,
+        _result: Result<Reply, Errno>,
+        _out: &mut SendBuf,
+    ) -> Option<String> {
+        None
+    }
+
+    fn input_ended(&mut self, _out: &mut SendBuf) {}
+    fn skipped(&mut self, _out: &mut SendBuf) {}
+    fn stop(&mut self) {}
+    fn drained(&self) -> bool {
+        true
+    }
+}
+
+/// When `serve`'s owner hears that a connection ended, the device has let
+/// go of the connection's protocol (and whatever the protocol holds, such as
+/// the owner's `Arc<Device>`): invariant 1. It used to be dropped just after
+/// the end was told, so the owner's `Arc::try_unwrap` of the device could
+/// fail now and then (the test above, 1 run in some 60).
+#[test]
+fn a_connections_protocol_is_gone_when_its_end_is_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
+    let held = Arc::new(());
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    let done = dev.serve(
+        OwnedFd::from(ours),
+        Vec::new(),
+        Box::new(SlowToDrop {
+            held: Some(held.clone()),
+        }),
+    );
+    done.wait();
+    assert_eq!(
+        Arc::strong_count(&held),
+        1,
+        "the connection's end was told while the device still held its protocol"
+    );
+    dev.close().unwrap();
+}

@@ -328,6 +328,7 @@ impl Worker {
             protocol.stop();
         }
         let Some(index) = self.conns.iter().position(Option::is_none) else {
+            drop(protocol);
             done.set(ConnEnd::Broken(format!(
                 "the device serves {} connections already",
                 self.conns.len()
@@ -335,6 +336,7 @@ impl Worker {
             return;
         };
         let Some(mut input) = AlignedBuf::new(INPUT, 4096) else {
+            drop(protocol);
             done.set(ConnEnd::Broken("no memory for the connection".into()));
             return;
         };
@@ -342,6 +344,7 @@ impl Worker {
         let file = match self.ring.add_file(Arc::new(File::from(socket))) {
             Ok(f) => f,
             Err(_) => {
+                drop(protocol);
                 done.set(ConnEnd::Broken("the device's file table is full".into()));
                 return;
             }
@@ -949,7 +952,7 @@ impl Worker {
         if !quiet {
             return;
         }
-        let Some(conn) = self.conns[c as usize].take() else {
+        let Some(mut conn) = self.conns[c as usize].take() else {
             return;
         };
         drop(self.ring.detach(conn.in_slot));
@@ -958,7 +961,11 @@ impl Worker {
         // Closes the socket (the last handle the device holds).
         drop(self.ring.remove_file(conn.file));
         self.line.leave(c);
-        conn.done.set(conn.end.unwrap_or(ConnEnd::Closed));
+        // The protocol (the owner's, and what it holds) goes before the
+        // owner hears the end (invariant 1).
+        let (done, end) = (conn.done.clone(), conn.end.take());
+        drop(conn);
+        done.set(end.unwrap_or(ConnEnd::Closed));
     }
 
     /// Ends every connection now (the worker is failing): their owners hear
