@@ -527,6 +527,98 @@ fn signed_certificate(fx: &Fixture, dir: &Path, start: &str, end: &str, v3: bool
         .arg(fx.path("pki/ca/ca-key.pem"))
         .arg("-out")
         .arg(dir.join("server-cert.pem")));
+    if !v3 {
+        // OpenSSL 3.2 and later make v3 certificates only (`ca`, `req` and
+        // `x509` alike): take the version and the extensions out here. The
+        // signature no longer matches, which loading the files never checks.
+        let cert = dir.join("server-cert.pem");
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_file(&cert).unwrap();
+        fs::write(&cert, pem("CERTIFICATE", &as_v1(&der))).unwrap();
+    }
+}
+
+/// The DER element at the start of `der`: its tag, the whole element, and
+/// its contents.
+fn der_element(der: &[u8]) -> (u8, &[u8], &[u8]) {
+    let (tag, first) = (der[0], der[1]);
+    let (len, head) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        let len = der[2..2 + n]
+            .iter()
+            .fold(0, |len, &b| len << 8 | usize::from(b));
+        (len, 2 + n)
+    };
+    (tag, &der[..head + len], &der[head..head + len])
+}
+
+/// A DER element of `tag` around `contents`.
+fn der_wrap(tag: u8, contents: &[u8]) -> Vec<u8> {
+    let n = contents.len();
+    let mut out = vec![tag];
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes: Vec<u8> = n
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|&b| b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(contents);
+    out
+}
+
+/// The certificate `der` as X.509 v1: its to-be-signed part without the
+/// version, the unique identifiers and the extensions.
+fn as_v1(der: &[u8]) -> Vec<u8> {
+    let (_, _, cert) = der_element(der);
+    let (_, tbs_whole, tbs) = der_element(cert);
+    let rest = &cert[tbs_whole.len()..];
+    let mut fields = Vec::new();
+    let mut at = tbs;
+    while !at.is_empty() {
+        let (tag, whole, _) = der_element(at);
+        if !matches!(tag, 0xa0..=0xa3) {
+            fields.extend_from_slice(whole);
+        }
+        at = &at[whole.len()..];
+    }
+    let mut body = der_wrap(0x30, &fields);
+    body.extend_from_slice(rest);
+    der_wrap(0x30, &body)
+}
+
+/// A PEM block of `label` holding `der`.
+fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::new();
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in text.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 #[test]
@@ -653,6 +745,13 @@ fn unusable_key_and_certificate_files_get_an_error_saying_what_is_wrong() {
     let dir = fx.path("v1");
     signed_certificate(&fx, &dir, "20200101000000Z", "20991231235959Z", false);
     let cert = dir.join("server-cert.pem");
+    let text = run(Command::new(&openssl)
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&cert));
+    assert!(
+        text.contains("Version: 1 (0x0)"),
+        "not a v1 certificate:\n{text}"
+    );
     let stderr = refused(&dir);
     assert!(
         stderr.contains(&cert.display().to_string()) && stderr.contains("v1"),
