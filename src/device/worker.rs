@@ -575,8 +575,11 @@ impl Worker {
             // Memory is short: wake now and then to find clients that hold
             // it and read nothing.
             let short = self.line.head().is_some();
+            // Lines left out of the log: their count goes out when their
+            // second is over, even if nothing else happens by then.
+            let left_out = self.fail_log.quiet.get() + self.truncated_log.quiet.get() > 0;
             self.ring
-                .set_wait_limit(short.then_some(super::conn::STALL_CHECK));
+                .set_wait_limit((short || left_out).then_some(super::conn::STALL_CHECK));
             let woken = self.ring.run(wait, &mut |c| done.push(c));
             if let Err(e) = woken {
                 // The ring itself failed: nothing can make progress. Fail
