@@ -241,6 +241,8 @@ impl<'a> Qcow2Writer<'a> {
         self.file
             .write_all_at(&be_u64s(&self.l1), CLUSTER)
             .map_err(self.io("cannot write the L1 table to"))?;
+        // The tables reach the disk before a header points at them.
+        self.file.sync_data().map_err(self.io("cannot sync"))?;
         // No table: offset 0, as qemu-img create writes it.
         let l1_at = if self.l1.is_empty() { 0 } else { CLUSTER };
         let header = header(
