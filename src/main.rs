@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 ///
 /// An overlay ("COW file", User-Mode Linux's format) records which 512-byte
 /// sectors of a read-only backing image have been written, and holds their new
-/// contents. `ubd` creates, inspects and checks overlays; UML, uml_mkcow and
-/// uml_moo read and write the same files.
+/// contents. `ubd` creates, inspects and checks overlays, merges and converts
+/// them, and serves them over NBD (to qemu, nbdfuse, the libnbd tools, fio);
+/// UML, uml_mkcow and uml_moo read and write the same files.
 #[derive(Debug, Parser)]
 #[command(name = "ubd", version, propagate_version = true)]
 struct Cli {
