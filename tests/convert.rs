@@ -753,3 +753,29 @@ fn interrupt_removes_the_partial_out() {
         other => panic!("convert exited {other:?}: {stderr}"),
     }
 }
+
+/// A raw image that ends in a partial sector converts to a qcow2 image of
+/// whole sectors (qemu's size for it), and the report gives that size, the
+/// one qemu-img info reads.
+#[test]
+fn qcow2_of_a_raw_image_with_a_partial_sector_reports_the_images_size() {
+    let dir = Dir::new();
+    let raw = dir.join("ragged.img");
+    fs::write(&raw, pseudo_random_bytes(41, 1000)).unwrap();
+    let qcow2 = dir.join("ragged.qcow2");
+    let said = run(ubd()
+        .args(["convert", "-O", "qcow2", "--output", "json"])
+        .arg(&raw)
+        .arg(&qcow2));
+    let report: serde_json::Value = serde_json::from_str(&said).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&run(Command::new(tool("qemu-img", "qemu-utils"))
+            .args(["info", "--output", "json", "-f", "qcow2"])
+            .arg(&qcow2)))
+        .unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(1024), "{info}");
+    assert_eq!(
+        report["virtual_size"], info["virtual-size"],
+        "the report's size is not the image's: {report}"
+    );
+}

@@ -412,14 +412,20 @@ fn merge(args: &Args, target: &Path) -> Outcome {
     keep.extend(backing_path.as_deref());
     let out = open_target(target, args.force, &keep)?;
     // A qcow2 image is whole sectors, as the device is: it holds what the
-    // device reads in the last one, past the backing file's end too.
-    let size = match format {
+    // device reads in the last one, past the backing file's end too (a raw
+    // source's device ends at its last byte: the writer pads the sector).
+    let read = match format {
         Format::Raw => size,
         Format::Qcow2 => size.next_multiple_of(512).min(dev.capacity()),
     };
     let result = match format {
-        Format::Raw => copy_device(&dev, source, &out, target, size),
-        Format::Qcow2 => copy_qcow2(&dev, source, (&out, target), size, keep_backing.as_deref()),
+        Format::Raw => copy_device(&dev, source, &out, target, read),
+        Format::Qcow2 => copy_qcow2(&dev, source, (&out, target), read, keep_backing.as_deref()),
+    };
+    // The size the image has, which the report gives.
+    let size = match format {
+        Format::Raw => size,
+        Format::Qcow2 => size.next_multiple_of(512),
     };
     let closed = dev.close().map_err(|e| device_err(source, e));
     let written = match result.and_then(|m| closed.map(|()| m)) {
