@@ -522,12 +522,27 @@ fn images_of_other_formats_are_named_for_what_they_look_like() {
             stderr.contains(&warning),
             "ubd create does not warn: {stderr}"
         );
-        let out = output(ubd().arg("map").arg(&cow));
+        for verb in [&["map"][..], &["rebase", "--backing"][..]] {
+            let mut cmd = ubd();
+            cmd.args(verb);
+            if verb.len() > 1 {
+                cmd.arg(&path);
+            }
+            let out = output(cmd.arg(&cow));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{verb:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("{}: {warning}", cow.display())),
+                "ubd {verb:?} of the overlay does not warn: {stderr}"
+            );
+        }
+        // `commit` writes into it: warned first (it goes on, as before).
+        let out = output(ubd().arg("commit").arg(&cow));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{stderr}");
+        assert!(out.status.success(), "commit: {stderr}");
         assert!(
             stderr.contains(&format!("{}: {warning}", cow.display())),
-            "ubd map of the overlay does not warn: {stderr}"
+            "ubd commit does not warn: {stderr}"
         );
     }
     // A raw disk with a file system (or nothing) at its start: no such word.

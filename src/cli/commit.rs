@@ -316,6 +316,7 @@ pub fn run(args: Args) -> Outcome {
         .into());
     };
     let backing_file = image::open_vetted(&args.file, named, &resolved, dir, true, false)?;
+    image::warn_if_container(&backing_file, &resolved, Some(&args.file));
     image::lock(
         &backing_file,
         &resolved,

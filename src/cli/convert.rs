@@ -633,8 +633,8 @@ fn import(
     }
     let raw_file = File::open(raw).map_err(io_err(raw, "cannot open"))?;
     image::warn_if_container(&raw_file, raw, None);
+    // (BASE is named by `create_overlay`'s warning, if it needs one.)
     let base_file = image::open_vetted(cow, base, &base_resolved, backing_dir, false, false)?;
-    image::warn_if_container(&base_file, &base_resolved, Some(cow));
     let raw_len = image::stamp(raw)?.size;
     let base_len = image::stamp(base)?.size;
     if raw_len != base_len {

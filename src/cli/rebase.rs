@@ -62,6 +62,9 @@ pub fn run(args: Args) -> Outcome {
     image::vet(&args.file, &args.backing, args.backing_dir.get())?;
     let new = image::resolve(&args.backing)?;
     let stamp = image::stamp(&new)?;
+    if let Ok(file) = std::fs::File::open(&new) {
+        image::warn_if_container(&file, &new, Some(&args.file));
+    }
     let mut mtime = cow.header.mtime;
     match BackingState::of(&cow.header, &new) {
         BackingState::Matches => {}
