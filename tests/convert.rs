@@ -569,16 +569,7 @@ fn qcow2_keeps_what_the_overlay_holds_past_the_backing_files_end() {
     dev.close().unwrap();
     assert_same("the device vs the model", &device_reads, &model);
     let qemu_img = tool("qemu-img", "qemu-utils");
-    for (name, extra) in [
-        ("plain.qcow2", None),
-        ("over.qcow2", Some("--keep-backing")),
-    ] {
-        let qcow2 = dir.join(name);
-        run(ubd()
-            .args(["convert", "-O", "qcow2"])
-            .args(extra)
-            .arg(&cow)
-            .arg(&qcow2));
+    for (name, qcow2) in both_qcow2s(&dir, &cow) {
         let back = dir.join("back.img");
         let _ = fs::remove_file(&back);
         run(Command::new(&qemu_img)
@@ -593,6 +584,24 @@ fn qcow2_keeps_what_the_overlay_holds_past_the_backing_files_end() {
     }
 }
 
+/// `cow` converted to qcow2 in `dir`, without and with --keep-backing:
+/// (file name, path) of each.
+fn both_qcow2s(dir: &Dir, cow: &Path) -> [(&'static str, PathBuf); 2] {
+    [
+        ("plain.qcow2", None),
+        ("over.qcow2", Some("--keep-backing")),
+    ]
+    .map(|(name, extra)| {
+        let qcow2 = dir.join(name);
+        run(ubd()
+            .args(["convert", "-O", "qcow2"])
+            .args(extra)
+            .arg(cow)
+            .arg(&qcow2));
+        (name, qcow2)
+    })
+}
+
 /// An image of no bytes has no L1 table: qemu-img check finds no cluster
 /// that nothing uses.
 #[test]
@@ -602,16 +611,7 @@ fn qcow2_of_an_empty_image_has_no_leaked_cluster() {
     File::create(&base).unwrap();
     run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
     let qemu_img = tool("qemu-img", "qemu-utils");
-    for (name, extra) in [
-        ("plain.qcow2", None),
-        ("over.qcow2", Some("--keep-backing")),
-    ] {
-        let qcow2 = dir.join(name);
-        run(ubd()
-            .args(["convert", "-O", "qcow2"])
-            .args(extra)
-            .arg(&cow)
-            .arg(&qcow2));
+    for (name, qcow2) in both_qcow2s(&dir, &cow) {
         let checked = output(
             Command::new(&qemu_img)
                 .args(["check", "-f", "qcow2"])

@@ -99,6 +99,32 @@ impl InProcess {
     }
 }
 
+/// The overlay `cow` opened with `cache`, over a fault injector.
+fn faulty_device(cow: &Path, cache: Cache) -> (Arc<Faults>, Arc<Device>) {
+    let faults = Arc::new(Faults::new());
+    let device = Device::open(
+        cow,
+        &DeviceOptions {
+            cache,
+            faults: Some(faults.clone()),
+            ..DeviceOptions::default()
+        },
+    )
+    .unwrap();
+    (faults, Arc::new(device))
+}
+
+/// A fault: the next sync of the overlay fails with EIO.
+fn one_failed_sync() -> Fault {
+    Fault {
+        class: OpClass::Sync,
+        role: Role::Main,
+        range: 0..0,
+        errno: libc::EIO,
+        times: Some(1),
+    }
+}
+
 fn read_device(cow: &Path, offset: u64, len: u64) -> Vec<u8> {
     let dev = Device::open(
         cow,
@@ -141,18 +167,7 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
     create_overlay(&cow, &base, false).unwrap();
     let data_offset = ubd_info(&cow)["data_offset"].as_u64().unwrap();
 
-    let faults = Arc::new(Faults::new());
-    let device = Arc::new(
-        Device::open(
-            &cow,
-            &DeviceOptions {
-                cache: Cache::None,
-                faults: Some(faults.clone()),
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (faults, device) = faulty_device(&cow, Cache::None);
     let server = InProcess::start(dir.path(), device.clone());
     let sock = server.socket.clone();
     steps(
@@ -206,13 +221,7 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
     faults.clear();
 
     // One failing sync: that FLUSH fails, the next one succeeds.
-    faults.add(Fault {
-        class: OpClass::Sync,
-        role: Role::Main,
-        range: 0..0,
-        errno: libc::EIO,
-        times: Some(1),
-    });
+    faults.add(one_failed_sync());
     steps(
         &sock,
         &[
@@ -253,28 +262,11 @@ fn a_failed_sync_through_the_page_cache_fails_every_later_flush() {
     let cow = dir.path().join("vm.cow");
     fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
     create_overlay(&cow, &base, false).unwrap();
-    let faults = Arc::new(Faults::new());
-    let device = Arc::new(
-        Device::open(
-            &cow,
-            &DeviceOptions {
-                cache: Cache::Writeback,
-                faults: Some(faults.clone()),
-                ..DeviceOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let (faults, device) = faulty_device(&cow, Cache::Writeback);
     let server = InProcess::start(dir.path(), device.clone());
     let sock = server.socket.clone();
     steps(&sock, &[(w(M, 4096, 11), "ok"), ("f".into(), "ok")]);
-    faults.add(Fault {
-        class: OpClass::Sync,
-        role: Role::Main,
-        range: 0..0,
-        errno: libc::EIO,
-        times: Some(1),
-    });
+    faults.add(one_failed_sync());
     steps(
         &sock,
         &[
