@@ -164,6 +164,27 @@ while read -r name sum; do echo "UBD-SUM $name $sum"; done < /tmp/sums
         );
     }
 
+    // The same overlay as a qcow2 overlay over the same base: what qemu
+    // reads through it is what uml_moo merged.
+    let qcow2 = dir.path().join("cow.qcow2");
+    run(ubd()
+        .args(["convert", "-O", "qcow2", "--keep-backing"])
+        .arg(&cow)
+        .arg(&qcow2));
+    let through_qemu = dir.path().join("through-qemu.img");
+    run(Command::new(tool("qemu-img", "qemu-utils"))
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&through_qemu));
+    assert!(
+        fs::read(&through_qemu).unwrap() == fs::read(&merged).unwrap(),
+        "qemu's read of the qcow2 overlay differs from uml_moo's merge"
+    );
+    assert!(
+        fs::metadata(&qcow2).unwrap().len() < fs::metadata(&base).unwrap().len() / 2,
+        "the qcow2 overlay copied the base"
+    );
+
     assert_eq!(
         fingerprint(&base),
         base_before,
