@@ -317,27 +317,38 @@ fn refuses_an_existing_out_without_force() {
     assert_same("--force", &read_all(&out), &model);
 }
 
-/// `qemu-img` on a qcow2 image: `check` finds no errors, `info` gives the
-/// size, `compare` finds it identical to `raw`, and `map` allocates only
-/// the clusters `model` has data in.
-fn check_qcow2_with_qemu(qcow2: &Path, raw: &Path, model: &[u8]) {
-    let qemu_img = tool("qemu-img", "qemu-utils");
+/// `qemu-img check` of a qcow2 image: it exits 0 and finds no errors.
+fn qemu_img_check(qcow2: &Path) {
     let checked = output(
-        Command::new(&qemu_img)
+        Command::new(tool("qemu-img", "qemu-utils"))
             .args(["check", "-f", "qcow2"])
             .arg(qcow2),
     );
     let said = String::from_utf8_lossy(&checked.stdout);
     assert!(
         checked.status.success() && said.contains("No errors were found"),
-        "qemu-img check: {}\n{said}{}",
+        "qemu-img check {}: {}\n{said}{}",
+        qcow2.display(),
         checked.status,
         String::from_utf8_lossy(&checked.stderr)
     );
-    let info: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+}
+
+/// `qemu-img info --output json` of a qcow2 image, parsed.
+fn qemu_img_info(qcow2: &Path) -> serde_json::Value {
+    serde_json::from_str(&run(Command::new(tool("qemu-img", "qemu-utils"))
         .args(["info", "--output", "json", "-f", "qcow2"])
         .arg(qcow2)))
-    .unwrap();
+    .unwrap()
+}
+
+/// `qemu-img` on a qcow2 image: `check` finds no errors, `info` gives the
+/// size, `compare` finds it identical to `raw`, and `map` allocates only
+/// the clusters `model` has data in.
+fn check_qcow2_with_qemu(qcow2: &Path, raw: &Path, model: &[u8]) {
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    qemu_img_check(qcow2);
+    let info = qemu_img_info(qcow2);
     let size = (model.len() as u64).next_multiple_of(512);
     assert_eq!(info["virtual-size"].as_u64(), Some(size), "{info}");
     assert_eq!(info["cluster-size"].as_u64(), Some(64 * 1024), "{info}");
@@ -459,20 +470,8 @@ fn qcow2_over_the_backing_file_holds_the_overlays_clusters_only() {
         "{report}"
     );
     let qemu_img = tool("qemu-img", "qemu-utils");
-    let checked = output(
-        Command::new(&qemu_img)
-            .args(["check", "-f", "qcow2"])
-            .arg(&qcow2),
-    );
-    assert!(
-        checked.status.success(),
-        "qemu-img check: {}",
-        String::from_utf8_lossy(&checked.stdout)
-    );
-    let info: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
-        .args(["info", "--output", "json", "-f", "qcow2"])
-        .arg(&qcow2)))
-    .unwrap();
+    qemu_img_check(&qcow2);
+    let info = qemu_img_info(&qcow2);
     assert_eq!(
         info["backing-filename"].as_str(),
         base_abs.to_str(),
@@ -610,24 +609,9 @@ fn qcow2_of_an_empty_image_has_no_leaked_cluster() {
     let (base, cow) = (dir.join("base.img"), dir.join("vm.cow"));
     File::create(&base).unwrap();
     run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
-    let qemu_img = tool("qemu-img", "qemu-utils");
-    for (name, qcow2) in both_qcow2s(&dir, &cow) {
-        let checked = output(
-            Command::new(&qemu_img)
-                .args(["check", "-f", "qcow2"])
-                .arg(&qcow2),
-        );
-        let said = String::from_utf8_lossy(&checked.stdout);
-        assert!(
-            checked.status.success() && said.contains("No errors were found"),
-            "qemu-img check {name}: {}\n{said}{}",
-            checked.status,
-            String::from_utf8_lossy(&checked.stderr)
-        );
-        let info: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
-            .args(["info", "--output", "json", "-f", "qcow2"])
-            .arg(&qcow2)))
-        .unwrap();
+    for (_, qcow2) in both_qcow2s(&dir, &cow) {
+        qemu_img_check(&qcow2);
+        let info = qemu_img_info(&qcow2);
         assert_eq!(info["virtual-size"].as_u64(), Some(0), "{info}");
     }
 }
@@ -706,9 +690,7 @@ fn converts_past_2_tib() {
     let qcow2 = dir.join("out.qcow2");
     run(ubd().args(["convert", "-O", "qcow2"]).arg(&cow).arg(&qcow2));
     let qemu_img = tool("qemu-img", "qemu-utils");
-    run(Command::new(&qemu_img)
-        .args(["check", "-f", "qcow2"])
-        .arg(&qcow2));
+    qemu_img_check(&qcow2);
     run(Command::new(&qemu_img)
         .args(["compare", "-f", "qcow2", "-F", "raw"])
         .arg(&qcow2)
@@ -768,11 +750,7 @@ fn qcow2_of_a_raw_image_with_a_partial_sector_reports_the_images_size() {
         .arg(&raw)
         .arg(&qcow2));
     let report: serde_json::Value = serde_json::from_str(&said).unwrap();
-    let info: serde_json::Value =
-        serde_json::from_str(&run(Command::new(tool("qemu-img", "qemu-utils"))
-            .args(["info", "--output", "json", "-f", "qcow2"])
-            .arg(&qcow2)))
-        .unwrap();
+    let info = qemu_img_info(&qcow2);
     assert_eq!(info["virtual-size"].as_u64(), Some(1024), "{info}");
     assert_eq!(
         report["virtual_size"], info["virtual-size"],

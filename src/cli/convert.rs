@@ -416,7 +416,7 @@ fn merge(args: &Args, target: &Path) -> Outcome {
     // source's device ends at its last byte: the writer pads the sector).
     let read = match format {
         Format::Raw => size,
-        Format::Qcow2 => size.next_multiple_of(512).min(dev.capacity()),
+        Format::Qcow2 => qcow2::guest_size(size).min(dev.capacity()),
     };
     let result = match format {
         Format::Raw => copy_device(&dev, source, &out, target, read),
@@ -425,7 +425,7 @@ fn merge(args: &Args, target: &Path) -> Outcome {
     // The size the image has, which the report gives.
     let size = match format {
         Format::Raw => size,
-        Format::Qcow2 => size.next_multiple_of(512),
+        Format::Qcow2 => qcow2::guest_size(size),
     };
     let closed = dev.close().map_err(|e| device_err(source, e));
     let written = match result.and_then(|m| closed.map(|()| m)) {

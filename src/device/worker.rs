@@ -150,11 +150,13 @@ impl Intake {
             return Vec::new();
         }
         self.queued.store(0, Ordering::Release);
-        {
-            let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            local.extend(q.drain(..).map(|(r, s)| (r, Origin::Sink(s))));
-        }
+        self.drain_requests(local);
         self.take_conns()
+    }
+
+    fn drain_requests(&self, local: &mut VecDeque<(Request, Origin)>) {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        local.extend(q.drain(..).map(|(r, s)| (r, Origin::Sink(s))));
     }
 
     /// Moves queued requests (not connections) to `local`, in order. A
@@ -166,8 +168,7 @@ impl Intake {
         }
         // `queued` stays as it is: `take_into` clears it (and takes the
         // connections) on the loop's next pass.
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        local.extend(q.drain(..).map(|(r, s)| (r, Origin::Sink(s))));
+        self.drain_requests(local);
     }
 
     fn is_empty(&self) -> bool {
@@ -577,7 +578,7 @@ impl Worker {
             let short = self.line.head().is_some();
             // Lines left out of the log: their count goes out when their
             // second is over, even if nothing else happens by then.
-            let left_out = self.fail_log.quiet.get() + self.truncated_log.quiet.get() > 0;
+            let left_out = self.fail_log.left_out() || self.truncated_log.left_out();
             self.ring
                 .set_wait_limit((short || left_out).then_some(super::conn::STALL_CHECK));
             let woken = self.ring.run(wait, &mut |c| done.push(c));
@@ -623,9 +624,6 @@ impl Worker {
             (&self.truncated_log, "reads of a truncated file"),
         ];
         for (log, what) in logs {
-            if log.quiet.get() == 0 {
-                continue;
-            }
             if let Some(n) = log.overdue_at(now) {
                 tracing::warn!(
                     "{}: {n} more {what} were not logged",
@@ -998,11 +996,7 @@ impl LogEvery {
     }
 
     fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
-        if self
-            .last
-            .get()
-            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
-        {
+        if self.within_a_second(now) {
             self.quiet.set(self.quiet.get() + 1);
             return None;
         }
@@ -1010,19 +1004,27 @@ impl LogEvery {
         Some(self.quiet.replace(0))
     }
 
+    /// Whether the last line went out less than a second before `now`.
+    fn within_a_second(&self, now: std::time::Instant) -> bool {
+        self.last
+            .get()
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+    }
+
+    /// Whether lines were left out and not counted in a line yet.
+    pub(super) fn left_out(&self) -> bool {
+        self.quiet.get() > 0
+    }
+
     /// `Some(lines left out)` once lines were left out and a second has
     /// passed since the last line: a burst followed by quiet still gets its
     /// count out. `now == None` (the worker stopping): at once.
     fn overdue_at(&self, now: Option<std::time::Instant>) -> Option<u64> {
-        if self.quiet.get() == 0 {
+        if !self.left_out() {
             return None;
         }
         if let Some(now) = now {
-            if self
-                .last
-                .get()
-                .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
-            {
+            if self.within_a_second(now) {
                 return None;
             }
             self.last.set(Some(now));

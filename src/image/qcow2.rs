@@ -87,7 +87,7 @@ impl<'a> Qcow2Writer<'a> {
                 ));
             }
         };
-        let size = size.next_multiple_of(512);
+        let size = guest_size(size);
         let l1_entries = size.div_ceil(CLUSTER * L2_ENTRIES);
         if l1_entries > MAX_L1_ENTRIES {
             return Err(invalid(
@@ -112,11 +112,6 @@ impl<'a> Qcow2Writer<'a> {
             last: None,
             data_clusters: 0,
         })
-    }
-
-    /// The guest size the image gets (a multiple of 512).
-    pub fn size(&self) -> u64 {
-        self.size
     }
 
     /// Bytes of data clusters written so far.
@@ -259,6 +254,12 @@ impl<'a> Qcow2Writer<'a> {
     }
 }
 
+/// The guest size of an image of `bytes`: whole 512-byte sectors, as qemu
+/// counts sizes (it would drop a partial last sector).
+pub fn guest_size(bytes: u64) -> u64 {
+    bytes.next_multiple_of(512)
+}
+
 /// Clusters of refcount table and of refcount blocks that cover `clusters`
 /// clusters in use and themselves.
 fn refcount_layout(clusters: u64) -> (u64, u64) {
@@ -350,7 +351,7 @@ mod tests {
         let path = Path::new("test.qcow2");
         let mut w = Qcow2Writer::new(&f, path, 3 * CLUSTER - 100, None).unwrap();
         // Rounded up to a whole sector.
-        assert_eq!(w.size(), 3 * CLUSTER);
+        assert_eq!(w.size, 3 * CLUSTER);
         w.write_cluster(1, &[1; 10]).unwrap();
         assert!(w.write_cluster(1, &[1; 10]).is_err());
         assert!(w.write_cluster(0, &[1; 10]).is_err());
