@@ -21,8 +21,11 @@
 
 mod conn;
 mod flush;
+mod intake;
 mod locks;
+mod log_every;
 mod plan;
+mod request;
 mod status;
 mod worker;
 
@@ -45,7 +48,7 @@ use crate::image::{self, Cache, ImageError};
 
 pub use crate::engine::sendbuf::SendBuf;
 pub use conn::{ConnCx, ConnDone, ConnEnd, Protocol, Step};
-pub use worker::Intake;
+pub use intake::Intake;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 //! takes a range lock over its sectors (invariant 2), reads the old contents
 //! of a partial first or last sector into a scratch buffer and merges them,
 //! writes, and only when every write has completed sets the RAM bitmap's bits
-//! and lets the lock go (`data_done`, in `worker.rs`). TRIM punches holes in
+//! and lets the lock go (`data_done`, in `request.rs`). TRIM punches holes in
 //! present sectors; WRITE_ZEROES punches (or, with NO_HOLE, zero-allocates)
 //! whole sectors and merges zeros into partial ones, then sets the bits. CACHE
 //! asks the host to prefetch the range from whichever file holds it.
@@ -13,9 +13,10 @@
 use std::ops::{Range, RangeInclusive};
 
 use super::Command;
+use super::request::Stage;
 use super::worker::{
     Cow, FILE_BACKING, FILE_MAIN, FILL_MAX_WRITE, P_COPY, P_DATA, P_FILL, P_MERGE, P_PREALLOC,
-    PREALLOC, SECTOR, Stage, Worker, tag,
+    PREALLOC, SECTOR, Worker, tag,
 };
 use crate::engine::bufset::DevBuf;
 use crate::engine::ring::{BufRef, Completion, Op, OpKind};

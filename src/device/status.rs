@@ -63,7 +63,7 @@ impl Worker {
                             base + at,
                             base + run_end,
                             len,
-                            super::worker::LogEvery::more(quiet)
+                            super::log_every::LogEvery::more(quiet)
                         );
                     }
                     return Err(Errno::EIO);

@@ -1,11 +1,12 @@
 //! The device's worker thread: turns requests into ring ops and completions
 //! into replies.
 //!
-//! This file owns the worker's state and its loop: intake from
-//! `Device::submit`, the start of each request, the dispatch of completions,
-//! and each request's end. Each request works in a request slot, which is also
-//! its buffer slot in the ring. Planning a request into ops lives in `plan.rs`,
-//! the flush protocol in `flush.rs`, BLOCK_STATUS in `status.rs`.
+//! This file owns the worker's state, its setup and its loop. Each request
+//! works in a request slot, which is also its buffer slot in the ring. What
+//! other threads hand over waits in `intake.rs`; a request's start,
+//! completions and end are in `request.rs`, planning it into ops in
+//! `plan.rs`, the flush protocol in `flush.rs`, BLOCK_STATUS in `status.rs`,
+//! connections in `conn.rs`.
 //!
 //! Ops the ring has no room for wait in a backlog that the loop pushes
 //! between reaps: it never waits on submission (invariant 6). A request ends
@@ -19,20 +20,23 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use ubd_cow::Bitmap;
 
-use super::conn::{CONN_SLOTS, Conn, MemLine, NewConn};
+use super::conn::{CONN_SLOTS, Conn, MemLine};
 use super::flush::{Phase, Round};
+use super::intake::Intake;
 use super::locks::RangeLocks;
-use super::{Command, Reply, Request, Sink};
+use super::log_every::LogEvery;
+use super::request::Req;
+use super::{Request, Sink};
 use crate::engine::aligned::AlignedBuf;
 use crate::engine::bufpool::BufPool;
 use crate::engine::bufset::DevBuf;
-use crate::engine::ring::{Completion, Op, OpKind, Ring, Waker};
+use crate::engine::ring::{Completion, Op, Ring, Waker};
 use crate::engine::sequencer::Sequencer;
 use crate::image::OpenImage;
 
@@ -82,143 +86,6 @@ pub(super) enum Origin {
     Conn(u32),
 }
 
-/// Requests handed over by `Device::submit`, in ticket order, and
-/// connections handed over by `Device::serve`.
-#[derive(Default)]
-pub struct Intake {
-    queue: Mutex<VecDeque<(Request, Arc<dyn Sink>)>>,
-    conns: Mutex<Vec<NewConn>>,
-    /// Requests and connections queued and not yet taken (read without the
-    /// lock).
-    queued: AtomicUsize,
-    /// Set when the worker is gone: requests end at once with EIO.
-    dead: AtomicBool,
-}
-
-impl Intake {
-    /// Queues a connection for the worker; gives it back when the worker is
-    /// gone.
-    pub(super) fn push_conn(&self, nc: NewConn) -> Result<(), NewConn> {
-        let mut q = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.dead.load(Ordering::SeqCst) {
-            return Err(nc);
-        }
-        q.push(nc);
-        self.queued.fetch_add(1, Ordering::Release);
-        Ok(())
-    }
-
-    fn take_conns(&self) -> Vec<NewConn> {
-        std::mem::take(&mut *self.conns.lock().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    pub(super) fn push(&self, req: Request, sink: Arc<dyn Sink>) {
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.dead.load(Ordering::SeqCst) {
-            drop(q);
-            sink.complete(req.token, Err(Errno::EIO));
-            return;
-        }
-        q.push_back((req, sink));
-        self.queued.fetch_add(1, Ordering::Release);
-    }
-
-    /// Marks the worker gone and ends every queued request with `errno`
-    /// (and every queued connection).
-    fn shut(&self, errno: Errno) {
-        let drained: Vec<_> = {
-            let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-            self.dead.store(true, Ordering::SeqCst);
-            q.drain(..).collect()
-        };
-        for (req, sink) in drained {
-            sink.complete(req.token, Err(errno));
-        }
-        // A push after this sees `dead` (both hold the connections' lock).
-        for nc in self.take_conns() {
-            nc.done.set(super::conn::ConnEnd::Broken(format!(
-                "the device stopped: {}",
-                errno.desc()
-            )));
-        }
-    }
-
-    /// Moves queued requests to `local` (in order) and returns queued
-    /// connections.
-    fn take_into(&self, local: &mut VecDeque<(Request, Origin)>) -> Vec<NewConn> {
-        if self.queued.load(Ordering::Acquire) == 0 {
-            return Vec::new();
-        }
-        self.queued.store(0, Ordering::Release);
-        self.drain_requests(local);
-        self.take_conns()
-    }
-
-    fn drain_requests(&self, local: &mut VecDeque<(Request, Origin)>) {
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        local.extend(q.drain(..).map(|(r, s)| (r, Origin::Sink(s))));
-    }
-
-    /// Moves queued requests (not connections) to `local`, in order. A
-    /// caller holding a ticket finds there every request of an earlier
-    /// ticket that has not reached `local` yet.
-    pub(super) fn take_requests_into(&self, local: &mut VecDeque<(Request, Origin)>) {
-        if self.queued.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        // `queued` stays as it is: `take_into` clears it (and takes the
-        // connections) on the loop's next pass.
-        self.drain_requests(local);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.queued.load(Ordering::Acquire) == 0
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stage {
-    /// Waiting in the range lock's line.
-    Locking,
-    /// Waiting for a scratch buffer.
-    Scratch,
-    /// Reading old sectors for a merge.
-    Merging,
-    /// Data ops in flight.
-    Data,
-    /// Waiting for a flush round.
-    Flushing,
-}
-
-pub(super) struct Req {
-    pub(super) command: Command,
-    pub(super) offset: u64,
-    pub(super) len: u64,
-    pub(super) fua: bool,
-    pub(super) no_hole: bool,
-    pub(super) token: u64,
-    pub(super) origin: Origin,
-    pub(super) stage: Stage,
-    pub(super) ops: u32,
-    pub(super) error: Option<i32>,
-    pub(super) scratch: Option<u32>,
-    pub(super) locked: bool,
-}
-
-impl Req {
-    pub(super) fn sectors(&self) -> Range<u64> {
-        self.offset / SECTOR..(self.offset + self.len).div_ceil(SECTOR)
-    }
-    /// Byte of the first sector where the request's data starts.
-    pub(super) fn head(&self) -> u64 {
-        self.offset % SECTOR
-    }
-    /// Bytes of the last sector past the request's end (0 if it ends on a sector).
-    pub(super) fn tail_gap(&self) -> u64 {
-        (SECTOR - (self.offset + self.len) % SECTOR) % SECTOR
-    }
-}
-
 /// The overlay's state the worker keeps.
 pub(super) struct Cow {
     pub(super) data_offset: u64,
@@ -252,7 +119,7 @@ pub struct Worker {
     pub(super) main: Arc<File>,
     pub(super) main_len: u64,
     /// The files' paths, by file index, for error messages.
-    paths: Vec<std::path::PathBuf>,
+    pub(super) paths: Vec<std::path::PathBuf>,
     /// Failed ops, and reads a truncated overlay cannot answer, are each
     /// logged at most once a second (a client can repeat a failing request
     /// as fast as it likes).
@@ -287,7 +154,7 @@ pub struct Worker {
     pub(super) reqs: Vec<Option<Req>>,
     pub(super) free: Vec<u32>,
     /// Sinks that heard `complete_batched` since the worker last slept.
-    batched: Vec<Arc<dyn Sink>>,
+    pub(super) batched: Vec<Arc<dyn Sink>>,
     pub(super) locks: RangeLocks,
     pub(super) scratch_free: Vec<u32>,
     pub(super) scratch_wait: VecDeque<u32>,
@@ -633,13 +500,6 @@ impl Worker {
         }
     }
 
-    /// Ends the batch of every sink that heard `complete_batched`.
-    fn flush_sinks(&mut self) {
-        for sink in self.batched.drain(..) {
-            sink.flush();
-        }
-    }
-
     /// Ends every request the worker knows of with `errno`. Their buffers
     /// stay in the ring, which drains (or leaks) them when it goes.
     fn fail_everything(&mut self, errno: Errno) {
@@ -655,19 +515,6 @@ impl Worker {
             }
         }
         self.fail_conns(&format!("the device failed: {}", errno.desc()));
-    }
-
-    /// Tells a request's origin of its end.
-    fn tell(&mut self, origin: Origin, token: u64, result: Result<Reply, Errno>) {
-        match origin {
-            Origin::Sink(sink) => {
-                sink.complete_batched(token, result);
-                if !self.batched.last().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
-                    self.batched.push(sink);
-                }
-            }
-            Origin::Conn(c) => self.conn_complete(c, token, result),
-        }
     }
 
     fn take_intake(&mut self) {
@@ -702,276 +549,6 @@ impl Worker {
             self.backlog.pop_front();
         }
     }
-
-    pub(super) fn start(&mut self, req: Request, origin: Origin) {
-        let Some(slot) = self.free.pop() else {
-            self.local.push_front((req, origin));
-            return;
-        };
-        let r = Req {
-            command: req.command,
-            offset: req.offset,
-            len: req.len,
-            fua: req.flags.fua,
-            no_hole: req.flags.no_hole,
-            token: req.token,
-            origin,
-            stage: Stage::Data,
-            ops: 0,
-            error: None,
-            scratch: None,
-            locked: false,
-        };
-        if let Some(data) = req.data
-            && self.ring.attach(slot, DevBuf::Pool(data)).is_err()
-        {
-            self.free.push(slot);
-            self.tell(r.origin, r.token, Err(Errno::EIO));
-            return;
-        }
-        let command = r.command;
-        let sectors = r.sectors();
-        self.flushed |= command == Command::Flush || r.fua;
-        self.reqs[slot as usize] = Some(r);
-        match command {
-            Command::Read => {
-                self.plan_read(slot, sectors, slot, 0, P_DATA);
-                self.maybe_finish(slot);
-            }
-            Command::Write | Command::WriteZeroes | Command::Trim => {
-                if let Some(cow) = &self.cow
-                    && sectors.end > cow.mapped
-                    && command != Command::Trim
-                {
-                    // v1/v2 bitmaps have no bit for the last few sectors.
-                    self.fail(slot, libc::EIO);
-                    return;
-                }
-                if self.locks.acquire(slot, sectors) {
-                    self.locked(slot);
-                } else if let Some(r) = self.req(slot) {
-                    r.stage = Stage::Locking;
-                }
-            }
-            Command::Flush => {
-                if let Some(r) = self.req(slot) {
-                    r.stage = Stage::Flushing;
-                }
-                self.round.waiting.push(slot);
-                self.start_round(false);
-            }
-            Command::Cache => {
-                self.plan_cache(slot);
-                self.maybe_finish(slot);
-            }
-            Command::BlockStatus => {
-                let result = self.block_status(slot);
-                self.end(slot, result);
-            }
-        }
-    }
-
-    pub(super) fn req(&mut self, slot: u32) -> Option<&mut Req> {
-        self.reqs.get_mut(slot as usize)?.as_mut()
-    }
-
-    /// Emits an op for request `slot` and counts it.
-    pub(super) fn emit(&mut self, owner: u32, op: Op) {
-        if let Some(r) = self.req(owner) {
-            r.ops += 1;
-        }
-        self.push(op);
-    }
-
-    fn on_complete(&mut self, c: Completion) {
-        let purpose = c.tag >> 32;
-        let slot = (c.tag & 0xFFFF_FFFF) as u32;
-        match purpose {
-            P_SYNC_DATA | P_BITMAP | P_SYNC_META => self.on_round(purpose, c.result),
-            P_RECV | P_PAYLOAD | P_SEND => self.on_conn_op(purpose, slot, &c),
-            // Only ever a help: a failure just leaves holes.
-            P_PREALLOC => {}
-            P_COPY => self.copied(slot, &c),
-            P_FILL => self.filled(slot, &c),
-            _ => {
-                let ok = self.check(&c);
-                let Some(r) = self.req(slot) else { return };
-                r.ops = r.ops.saturating_sub(1);
-                if let Err(e) = ok {
-                    r.error.get_or_insert(e);
-                }
-                self.maybe_finish(slot);
-            }
-        }
-    }
-
-    /// The overlay's (or raw image's) path.
-    pub(super) fn main_path(&self) -> &std::path::Path {
-        &self.paths[FILE_MAIN]
-    }
-
-    /// A completion's result, with short transfers judged: a read may stop at
-    /// the end of the backing file's data (in the backing file, the raw
-    /// image or the overlay), nowhere else. An overlay's sector that the
-    /// bitmap marks present but the file does not reach (a truncated
-    /// overlay) is an I/O error, not stale data. Failures are logged with
-    /// the file and offset.
-    fn check(&self, c: &Completion) -> Result<(), i32> {
-        let op = &c.op;
-        let path = || {
-            self.paths
-                .get(op.file)
-                .map_or_else(String::new, |p| p.display().to_string())
-        };
-        let done = match c.result {
-            Ok(done) => done,
-            Err(e) => {
-                if let Some(quiet) = self.fail_log.allow() {
-                    tracing::warn!(
-                        "{}: {:?} of {} bytes at offset {} failed: {}{}",
-                        path(),
-                        op.kind,
-                        op.len,
-                        op.offset,
-                        Errno::from_raw(e),
-                        LogEvery::more(quiet)
-                    );
-                }
-                return Err(e);
-            }
-        };
-        if !matches!(op.kind, OpKind::Read) || done >= op.len {
-            return Ok(());
-        }
-        // Where the file may end (the buffer past it was zero-filled first).
-        let file_len = match &self.cow {
-            Some(cow) if op.file == FILE_BACKING => cow.backing_len,
-            Some(cow) => cow.data_end(),
-            None => self.main_len,
-        };
-        if op.offset + done >= file_len {
-            return Ok(());
-        }
-        if let Some(quiet) = self.truncated_log.allow() {
-            tracing::error!(
-                "{}: read of {} bytes at offset {} ended after {} bytes: the file is \
-                 shorter than the data it should hold (truncated?){}",
-                path(),
-                op.len,
-                op.offset,
-                done,
-                LogEvery::more(quiet)
-            );
-        }
-        Err(libc::EIO)
-    }
-
-    /// Moves a request on once its ops are done.
-    pub(super) fn maybe_finish(&mut self, slot: u32) {
-        let Some(r) = self.reqs[slot as usize].as_ref() else {
-            return;
-        };
-        if r.ops > 0 {
-            return;
-        }
-        match (r.stage, r.error) {
-            (Stage::Locking | Stage::Scratch | Stage::Flushing, _) => {}
-            (Stage::Merging, None) => {
-                self.merge(slot);
-                // The merge may have planned no ops (nothing else to write).
-                if self.reqs[slot as usize]
-                    .as_ref()
-                    .is_some_and(|r| r.ops == 0)
-                {
-                    self.data_done(slot);
-                }
-            }
-            (Stage::Merging, Some(e)) => {
-                self.release_scratch(slot);
-                self.fail(slot, e);
-            }
-            (Stage::Data, Some(e)) => self.fail(slot, e),
-            (Stage::Data, None) => self.data_done(slot),
-        }
-    }
-
-    /// Every data op of `slot` completed without error.
-    fn data_done(&mut self, slot: u32) {
-        let Some(r) = self.reqs[slot as usize].as_ref() else {
-            return;
-        };
-        let (command, sectors, fua) = (r.command, r.sectors(), r.fua);
-        match command {
-            Command::Write | Command::WriteZeroes => {
-                self.release_scratch(slot);
-                // Invariant 7: the RAM bit only after the data write completed.
-                self.set_bits(sectors);
-                self.unlock(slot);
-            }
-            Command::Trim => self.unlock(slot),
-            _ => {}
-        }
-        let changes = matches!(
-            command,
-            Command::Write | Command::WriteZeroes | Command::Trim
-        );
-        if changes && fua {
-            if let Some(r) = self.req(slot) {
-                r.stage = Stage::Flushing;
-            }
-            // The pool buffers are not needed while the round runs.
-            drop(self.ring.detach(slot));
-            self.round.waiting.push(slot);
-            self.start_round(false);
-            return;
-        }
-        let reply = match command {
-            Command::Read => match self.ring.detach(slot) {
-                Some(DevBuf::Pool(chunks)) => Ok(Reply::Data(chunks)),
-                _ => Err(Errno::EIO),
-            },
-            _ => Ok(Reply::Done),
-        };
-        self.end(slot, reply);
-    }
-
-    fn unlock(&mut self, slot: u32) {
-        let Some(r) = self.req(slot) else { return };
-        if !std::mem::replace(&mut r.locked, false) {
-            return;
-        }
-        let mut granted: [u32; 64] = [0; 64];
-        let mut n = 0;
-        let mut overflow = Vec::new();
-        self.locks.release(slot, |s| {
-            if n < granted.len() {
-                granted[n] = s;
-                n += 1;
-            } else {
-                overflow.push(s);
-            }
-        });
-        for s in granted[..n].iter().copied().chain(overflow) {
-            self.locked(s);
-        }
-    }
-
-    fn fail(&mut self, slot: u32, errno: i32) {
-        self.release_scratch(slot);
-        self.unlock(slot);
-        self.end(slot, Err(Errno::from_raw(errno)));
-    }
-
-    /// Ends request `slot`: frees its slot and buffers first, then tells the
-    /// caller (invariant 1: nothing of the request is touched after that).
-    pub(super) fn end(&mut self, slot: u32, result: Result<Reply, Errno>) {
-        drop(self.ring.detach(slot));
-        let Some(r) = self.reqs[slot as usize].take() else {
-            return;
-        };
-        self.free.push(slot);
-        self.tell(r.origin, r.token, result);
-    }
 }
 
 impl Drop for Worker {
@@ -979,66 +556,6 @@ impl Drop for Worker {
     /// request the worker will not finish. The ring (a field) drains after.
     fn drop(&mut self) {
         self.fail_everything(Errno::EIO);
-    }
-}
-
-/// A log line at most once a second, counting the ones left out.
-#[derive(Default)]
-pub(super) struct LogEvery {
-    last: std::cell::Cell<Option<std::time::Instant>>,
-    quiet: std::cell::Cell<u64>,
-}
-
-impl LogEvery {
-    /// `Some(lines left out since the last)` if a line may go out now.
-    pub(super) fn allow(&self) -> Option<u64> {
-        self.allow_at(std::time::Instant::now())
-    }
-
-    fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
-        if self.within_a_second(now) {
-            self.quiet.set(self.quiet.get() + 1);
-            return None;
-        }
-        self.last.set(Some(now));
-        Some(self.quiet.replace(0))
-    }
-
-    /// Whether the last line went out less than a second before `now`.
-    fn within_a_second(&self, now: std::time::Instant) -> bool {
-        self.last
-            .get()
-            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
-    }
-
-    /// Whether lines were left out and not counted in a line yet.
-    pub(super) fn left_out(&self) -> bool {
-        self.quiet.get() > 0
-    }
-
-    /// `Some(lines left out)` once lines were left out and a second has
-    /// passed since the last line: a burst followed by quiet still gets its
-    /// count out. `now == None` (the worker stopping): at once.
-    fn overdue_at(&self, now: Option<std::time::Instant>) -> Option<u64> {
-        if !self.left_out() {
-            return None;
-        }
-        if let Some(now) = now {
-            if self.within_a_second(now) {
-                return None;
-            }
-            self.last.set(Some(now));
-        }
-        Some(self.quiet.replace(0))
-    }
-
-    /// The note a line carries for the ones left out before it.
-    pub(super) fn more(quiet: u64) -> String {
-        if quiet == 0 {
-            String::new()
-        } else {
-            format!(" ({quiet} more failures not logged)")
-        }
     }
 }
 
@@ -1067,7 +584,7 @@ fn recent_depth(before: usize, in_flight: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{LogEvery, poll_for, recent_depth};
+    use super::{poll_for, recent_depth};
 
     #[test]
     fn the_worker_polls_only_for_shallow_clients_outside_flush_rounds() {
@@ -1083,42 +600,6 @@ mod tests {
         assert_eq!(poll_for(zero, 1, true, || true), zero);
         // The connections are not looked at when the rest says no.
         assert_eq!(poll_for(us50, 8, true, || unreachable!()), zero);
-    }
-
-    #[test]
-    fn log_every_lets_one_line_a_second_through_and_counts_the_rest() {
-        let log = LogEvery::default();
-        let t = std::time::Instant::now();
-        let at = |ms| t + std::time::Duration::from_millis(ms);
-        assert_eq!(log.allow_at(at(0)), Some(0));
-        assert_eq!(log.allow_at(at(10)), None);
-        assert_eq!(log.allow_at(at(999)), None);
-        // The next line says how many were left out.
-        assert_eq!(log.allow_at(at(1000)), Some(2));
-        assert_eq!(LogEvery::more(2), " (2 more failures not logged)");
-        assert_eq!(log.allow_at(at(5000)), Some(0));
-        assert_eq!(LogEvery::more(0), "");
-    }
-
-    #[test]
-    fn log_every_reports_a_burst_followed_by_quiet() {
-        let log = LogEvery::default();
-        let t = std::time::Instant::now();
-        let at = |ms| Some(t + std::time::Duration::from_millis(ms));
-        // Nothing left out: nothing to report.
-        assert_eq!(log.overdue_at(at(0)), None);
-        assert_eq!(log.allow_at(at(0).unwrap()), Some(0));
-        assert_eq!(log.allow_at(at(10).unwrap()), None);
-        assert_eq!(log.allow_at(at(20).unwrap()), None);
-        // Within the second the count waits; after it, it goes out once.
-        assert_eq!(log.overdue_at(at(500)), None);
-        assert_eq!(log.overdue_at(at(1000)), Some(2));
-        assert_eq!(log.overdue_at(at(3000)), None);
-        // That report counts as a line: the next failure within its
-        // second is left out, and a stopping worker reports it at once.
-        assert_eq!(log.allow_at(at(1500).unwrap()), None);
-        assert_eq!(log.overdue_at(None), Some(1));
-        assert_eq!(log.overdue_at(None), None);
     }
 
     #[test]

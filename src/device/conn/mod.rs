@@ -18,22 +18,32 @@
 //! Teardown (invariant 3): a connection goes only when it reads nothing more,
 //! has no op in flight on its socket or buffers, and every request it started
 //! has ended; its buffers leave the ring only then.
+//!
+//! Here: a connection's state and its life on the worker (adoption, reading
+//! requests, submitting them, replies, stopping, closing). What a protocol
+//! sees is in `protocol.rs`, the socket ops and their completions in
+//! `sockio.rs`, the memory line in `memline.rs`.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{Shutdown, shutdown};
 
-use super::worker::{Origin, P_PAYLOAD, P_RECV, P_SEND, Worker, tag};
+mod memline;
+mod protocol;
+mod sockio;
+
+pub(super) use memline::MemLine;
+pub use protocol::{ConnCx, ConnDone, ConnEnd, Protocol, Step};
+
+use super::worker::{Origin, P_PAYLOAD, P_SEND, Worker, tag};
 use super::{Command, Reply, Request, check_request};
 use crate::engine::aligned::AlignedBuf;
-use crate::engine::bufpool::{BufPool, Chunks};
 use crate::engine::bufset::DevBuf;
-use crate::engine::ring::{BufRef, Completion, MAX_IOV, Op, OpKind};
+use crate::engine::ring::{BufRef, MAX_IOV, Op, OpKind};
 use crate::engine::sendbuf::SendBuf;
 
 /// A batch of replies at least this large on the wire means a client is
@@ -70,208 +80,12 @@ const INPUT_SLACK: usize = 4096;
 /// Segments one send op takes (the ring's vectored limit, with room).
 const SEND_WINDOW: usize = MAX_IOV - 1;
 
-/// What a protocol asks of the device after reading some input.
-// `Request` holds its `Chunks` inline so that no request allocates; boxing
-// it would bring that allocation back.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-pub enum Step {
-    /// `n` bytes of input were used up; nothing for the device.
-    Consumed(usize),
-    /// `consumed` bytes were used, and `req` goes to the device. A WRITE's
-    /// `payload` bytes follow in the input: the device receives them into
-    /// `req.data` at byte `req.offset % 512` first.
-    Submit {
-        consumed: usize,
-        req: Request,
-        payload: u64,
-    },
-    /// `consumed` bytes were used, and the `skip` bytes after them are to be
-    /// read and thrown away (a refused WRITE's payload);
-    /// [`Protocol::skipped`] is called when they have been.
-    Skip { consumed: usize, skip: u64 },
-    /// More input is needed.
-    NeedInput,
-    /// [`ConnCx::alloc`] found no memory; asked again when memory returns.
-    NoMemory,
-    /// Too much is owed to the client; asked again after a reply goes out
-    /// or a request ends.
-    Wait,
-    /// Stop reading and close once everything started is answered; `why`
-    /// is `None` for a clean end (the client said goodbye).
-    Close {
-        consumed: usize,
-        why: Option<String>,
-    },
-}
-
-/// A client protocol spoken over a socket the device serves.
-pub trait Protocol: Send {
-    /// Reads requests from `input` (received, not yet used) and acts
-    /// through `cx`; called again while it returns `Consumed` or `Submit`.
-    fn input(&mut self, input: &[u8], cx: &mut ConnCx<'_>) -> Step;
-
-    /// A request this connection submitted ended; its reply goes into `out`.
-    /// `Some(why)` when the connection cannot go on (a reply began and
-    /// cannot be finished).
-    fn complete(
-        &mut self,
-        token: u64,
-        result: Result<Reply, Errno>,
-        out: &mut SendBuf,
-    ) -> Option<String>;
-
-    /// Input ended (the peer closed, or the connection is closing): a
-    /// request partly submitted gets its remaining parts failed, so that
-    /// everything owed is answered.
-    fn input_ended(&mut self, out: &mut SendBuf);
-
-    /// The bytes a [`Step::Skip`] asked to skip have been read.
-    fn skipped(&mut self, out: &mut SendBuf);
-
-    /// The server is shutting down: requests read from now on are refused
-    /// (a request partly submitted goes on).
-    fn stop(&mut self);
-
-    /// The connection may close after `stop`: nothing is owed to the
-    /// client, no request is partly submitted, and the client is not about
-    /// to end it itself (NBD: it got no ESHUTDOWN, which asks it for DISC).
-    fn drained(&self) -> bool;
-}
-
-/// How a connection ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConnEnd {
-    /// The protocol closed it cleanly (the client said goodbye).
-    Done,
-    /// The peer closed the connection between requests.
-    Closed,
-    /// The server shut it down after answering everything it read.
-    Stopped,
-    /// It could not go on.
-    Broken(String),
-}
-
-/// A connection's end, for the thread that handed it over.
-#[derive(Default)]
-pub struct ConnDone {
-    end: Mutex<Option<ConnEnd>>,
-    cv: Condvar,
-}
-
-impl ConnDone {
-    pub(super) fn set(&self, end: ConnEnd) {
-        let mut slot = self.end.lock().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_none() {
-            *slot = Some(end);
-        }
-        self.cv.notify_all();
-    }
-
-    /// Blocks until the connection has ended and its socket is closed (by
-    /// the device; the caller may hold other handles on it).
-    pub fn wait(&self) -> ConnEnd {
-        let mut slot = self.end.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(end) = slot.as_ref() {
-                return end.clone();
-            }
-            slot = self.cv.wait(slot).unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
-
 /// A socket handed to the device, on its way to the worker.
 pub(super) struct NewConn {
     pub(super) socket: OwnedFd,
     pub(super) buffered: Vec<u8>,
     pub(super) protocol: Box<dyn Protocol>,
     pub(super) done: Arc<ConnDone>,
-}
-
-/// The worker's FIFO line of connections waiting for memory.
-#[derive(Default)]
-pub(super) struct MemLine {
-    queue: VecDeque<u32>,
-    /// Chunks the head asked for last.
-    need: usize,
-}
-
-impl MemLine {
-    fn join(&mut self, conn: u32, n: usize) {
-        if !self.queue.contains(&conn) {
-            self.queue.push_back(conn);
-        }
-        if self.queue.front() == Some(&conn) {
-            self.need = n;
-        }
-    }
-
-    fn leave(&mut self, conn: u32) {
-        if self.queue.front() == Some(&conn) {
-            // The next head has not said what it needs yet.
-            self.need = 0;
-        }
-        self.queue.retain(|&c| c != conn);
-    }
-
-    pub(super) fn head(&self) -> Option<u32> {
-        self.queue.front().copied()
-    }
-}
-
-/// What a protocol may use while it reads input.
-pub struct ConnCx<'a> {
-    pool: &'a BufPool,
-    line: &'a mut MemLine,
-    conn: u32,
-    max_io: u64,
-    unsent: usize,
-    unsent_heads: usize,
-    out: &'a mut SendBuf,
-}
-
-impl ConnCx<'_> {
-    /// Buffers for a READ or WRITE of `len` bytes at `offset`, never
-    /// waiting: `None` when memory is short (then return [`Step::NoMemory`]),
-    /// or when `len` is more than one request takes.
-    pub fn alloc(&mut self, offset: u64, len: u64) -> Option<Chunks> {
-        let n = super::chunks_for(offset, len, self.max_io, self.pool.chunk_size()).ok()?;
-        let ahead = self.line.head().is_some_and(|h| h != self.conn);
-        if !ahead
-            && let Some(c) = self
-                .pool
-                .try_alloc(n)
-                .or_else(|| self.pool.try_alloc_head(n))
-        {
-            self.line.leave(self.conn);
-            return Some(c);
-        }
-        self.line.join(self.conn, n);
-        self.pool.notify_free();
-        None
-    }
-
-    /// Replies that need no device request go here.
-    pub fn out(&mut self) -> &mut SendBuf {
-        self.out
-    }
-
-    /// Bytes of the buffer pool free now.
-    pub fn pool_free(&self) -> u64 {
-        (self.pool.free_chunks() * self.pool.chunk_size()) as u64
-    }
-
-    /// Reply bytes queued or being sent, not yet taken by the socket.
-    pub fn unsent(&self) -> usize {
-        self.unsent + self.out.bytes()
-    }
-
-    /// Of those, the bytes of reply headers and small replies, which are
-    /// held in the connection's own memory (READ data is in pool chunks).
-    pub fn unsent_heads(&self) -> usize {
-        self.unsent_heads + self.out.head_bytes()
-    }
 }
 
 /// One connection's state on the worker.
@@ -632,200 +446,6 @@ impl Worker {
         self.mark_ready(c);
     }
 
-    /// Puts what the connection gathered on the wire, if nothing is.
-    fn send(&mut self, c: u32) {
-        let Some(Some(conn)) = self.conns.get_mut(c as usize) else {
-            return;
-        };
-        if conn.broken {
-            conn.out.clear();
-            return;
-        }
-        if conn.sending.is_some() || conn.out.is_empty() {
-            return;
-        }
-        let mut buf = std::mem::replace(&mut conn.out, std::mem::take(&mut conn.spare));
-        buf.seal();
-        let (bytes, segs) = (buf.bytes(), buf.sealed_segments());
-        if segs == 0 {
-            // Only empty data pushes: their chunks simply go back.
-            buf.clear();
-            conn.spare = buf;
-            return;
-        }
-        let _ = self.ring.attach(conn.send_slot, DevBuf::Send(buf));
-        conn.sending = Some((bytes, 0, segs));
-        self.push_send(c);
-    }
-
-    /// Pushes the send op for the next window of the send buffer.
-    fn push_send(&mut self, c: u32) {
-        let Some(Some(conn)) = self.conns.get_mut(c as usize) else {
-            return;
-        };
-        let Some((_, from, _)) = conn.sending else {
-            return;
-        };
-        let Some(DevBuf::Send(buf)) = self.ring.buf(conn.send_slot) else {
-            return;
-        };
-        let (n, len) = buf.window(from, SEND_WINDOW);
-        let op = Op {
-            kind: OpKind::Send,
-            file: conn.file,
-            offset: 0,
-            len: len as u64,
-            buf: Some(BufRef {
-                slot: conn.send_slot,
-                segment: from as u32,
-                offset: 0,
-            }),
-            tag: tag(P_SEND, c),
-        };
-        if let Some(s) = conn.sending.as_mut() {
-            s.1 = from + n;
-        }
-        conn.sends += 1;
-        self.push(op);
-    }
-
-    /// Posts a receive when the protocol waits for input.
-    fn receive(&mut self, c: u32) {
-        let Some(Some(conn)) = self.conns.get_mut(c as usize) else {
-            return;
-        };
-        if !conn.open || conn.recv_busy || conn.payload.is_some() || !conn.want_input {
-            return;
-        }
-        let Some(DevBuf::Own(input)) = self.ring.buf_mut(conn.in_slot) else {
-            return;
-        };
-        if conn.in_start == conn.in_end {
-            conn.in_start = 0;
-            conn.in_end = 0;
-        } else if INPUT - conn.in_end < INPUT_SLACK {
-            input
-                .as_mut_slice()
-                .copy_within(conn.in_start..conn.in_end, 0);
-            conn.in_end -= conn.in_start;
-            conn.in_start = 0;
-        }
-        let op = Op {
-            kind: OpKind::Recv,
-            file: conn.file,
-            offset: 0,
-            len: (INPUT - conn.in_end) as u64,
-            buf: Some(BufRef {
-                slot: conn.in_slot,
-                segment: 0,
-                offset: conn.in_end,
-            }),
-            tag: tag(P_RECV, c),
-        };
-        conn.recv_busy = true;
-        self.push(op);
-    }
-
-    /// A socket op of connection `c` completed.
-    pub(super) fn on_conn_op(&mut self, purpose: u64, c: u32, done: &Completion) {
-        let Some(Some(conn)) = self.conns.get_mut(c as usize) else {
-            return;
-        };
-        match purpose {
-            P_RECV => {
-                conn.recv_busy = false;
-                match done.result {
-                    Ok(0) => {
-                        let end = if conn.in_start < conn.in_end || conn.skip > 0 {
-                            ConnEnd::Broken(format!(
-                                "the client closed the connection in the middle of a request \
-                                 ({} bytes of it arrived)",
-                                conn.in_end - conn.in_start
-                            ))
-                        } else {
-                            ConnEnd::Closed
-                        };
-                        self.stop_reading(c, end);
-                    }
-                    Ok(n) => {
-                        conn.in_end = (conn.in_end + n as usize).min(INPUT);
-                        if !conn.open && conn.end == Some(ConnEnd::Stopped) {
-                            // It raced the close: the connection ends
-                            // without reading it.
-                            conn.end = Some(ConnEnd::Broken(format!(
-                                "the client sent {n} more bytes as the connection closed at \
-                                 shutdown; they were not read"
-                            )));
-                        }
-                    }
-                    Err(e) => self.break_conn(c, format!("receiving: {}", Errno::from_raw(e))),
-                }
-            }
-            P_PAYLOAD => {
-                let chunks = match self.ring.detach(conn.payload_slot) {
-                    Some(DevBuf::Pool(chunks)) => Some(chunks),
-                    _ => None,
-                };
-                let Some(mut req) = conn.payload.take() else {
-                    return;
-                };
-                let want = conn.payload_len;
-                match (done.result, chunks) {
-                    (Ok(n), Some(chunks)) if n == want => {
-                        req.data = Some(chunks);
-                        self.submit_conn(c, req);
-                    }
-                    (result, _) => {
-                        let why = match result {
-                            Ok(n) => format!(
-                                "the client closed the connection after {n} of the last {want} \
-                                 bytes of a {}-byte write payload",
-                                req.len
-                            ),
-                            Err(e) => format!("receiving a payload: {}", Errno::from_raw(e)),
-                        };
-                        // The request never reached the device: count it
-                        // and answer it, so the protocol owes nothing.
-                        if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
-                            conn.requests += 1;
-                        }
-                        self.conn_complete(c, req.token, Err(Errno::EIO));
-                        self.break_conn(c, why);
-                    }
-                }
-            }
-            P_SEND => {
-                if let Err(e) = done.result {
-                    let why = format!("sending replies: {}", Errno::from_raw(e));
-                    if let Some(Some(conn)) = self.conns.get_mut(c as usize) {
-                        conn.sending = None;
-                    }
-                    self.recycle_send(c);
-                    self.break_conn(c, why);
-                } else if conn.sending.is_some_and(|(_, next, segs)| next < segs) {
-                    self.push_send(c);
-                } else {
-                    conn.sending = None;
-                    self.recycle_send(c);
-                }
-            }
-            _ => {}
-        }
-        self.mark_ready(c);
-    }
-
-    /// Takes the sent buffer back from the ring, empties it (its chunks go
-    /// back to the pool) and keeps it for the next send.
-    fn recycle_send(&mut self, c: u32) {
-        let Some(Some(conn)) = self.conns.get_mut(c as usize) else {
-            return;
-        };
-        if let Some(DevBuf::Send(mut buf)) = self.ring.detach(conn.send_slot) {
-            buf.clear();
-            conn.spare = buf;
-        }
-    }
-
     /// Stops reading connection `c`; it closes once everything it started
     /// is answered.
     fn stop_reading(&mut self, c: u32, end: ConnEnd) {
@@ -986,28 +606,5 @@ impl Worker {
         self.pool.notify_free();
         let st = self.pool.stats();
         st.waiting == 0 && st.free >= self.line.need.max(1)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::MemLine;
-
-    /// When the head of the line leaves, what it needed leaves with it: the
-    /// next head is tried as soon as any memory is free (invariant 4).
-    #[test]
-    fn the_line_forgets_the_need_of_a_head_that_leaves() {
-        let mut line = MemLine::default();
-        line.join(1, 8);
-        line.join(2, 1);
-        assert_eq!((line.head(), line.need), (Some(1), 8));
-        line.leave(2);
-        assert_eq!((line.head(), line.need), (Some(1), 8));
-        line.leave(1);
-        assert_eq!((line.head(), line.need), (None, 0));
-        line.join(3, 4);
-        line.join(4, 2);
-        line.leave(3);
-        assert_eq!((line.head(), line.need), (Some(4), 0));
     }
 }
