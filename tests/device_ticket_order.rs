@@ -1,6 +1,8 @@
 //! Invariant 5 across the two ways requests enter a device: a request handed
 //! to `Device::submit` (ticket t) and a request a served connection reads
-//! (ticket t + 1) reach the host in ticket order.
+//! (ticket t + 1) reach the host in ticket order. And invariant 1 for served
+//! connections: the owner hears a connection's end only once the device has
+//! let go of its protocol, whether the connection closed or the worker failed.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -8,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use ubd::device::{
-    Command, ConnCx, Device, DeviceOptions, Event, Flags, Protocol, Recorder, Reply, Request, Role,
-    SendBuf, Step, Waiter,
+    Command, ConnCx, ConnEnd, Device, DeviceOptions, Event, Flags, Protocol, Recorder, Reply,
+    Request, Role, SendBuf, Step, Waiter,
 };
 
 const A: u64 = 64 << 10;
@@ -144,10 +146,12 @@ fn a_submitted_request_and_a_connections_later_one_reach_the_host_in_ticket_orde
     dev.close().unwrap();
 }
 
-/// A protocol that closes at once, and whose drop takes a while before it
-/// lets go of what it holds.
+/// A protocol that closes at once (or, when `waits`, waits for input that
+/// never comes), and whose drop takes a while before it lets go of what it
+/// holds.
 struct SlowToDrop {
     held: Option<Arc<()>>,
+    waits: bool,
 }
 
 impl Drop for SlowToDrop {
@@ -159,6 +163,9 @@ impl Drop for SlowToDrop {
 
 impl Protocol for SlowToDrop {
     fn input(&mut self, _input: &[u8], _cx: &mut ConnCx<'_>) -> Step {
+        if self.waits {
+            return Step::NeedInput;
+        }
         Step::Close {
             consumed: 0,
             why: None,
@@ -200,6 +207,7 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
         Vec::new(),
         Box::new(SlowToDrop {
             held: Some(held.clone()),
+            waits: false,
         }),
     );
     done.wait();
@@ -209,4 +217,65 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
         "the connection's end was told while the device still held its protocol"
     );
     dev.close().unwrap();
+}
+
+/// A protocol whose first input panics (on the worker's thread).
+struct Panics;
+
+impl Protocol for Panics {
+    fn input(&mut self, _input: &[u8], _cx: &mut ConnCx<'_>) -> Step {
+        panic!("a protocol failed on the worker's thread (as this test means it to)");
+    }
+
+    fn complete(
+        &mut self,
+        _token: u64,
+        _result: Result<Reply, Errno>,
+        _out: &mut SendBuf,
+    ) -> Option<String> {
+        None
+    }
+
+    fn input_ended(&mut self, _out: &mut SendBuf) {}
+    fn skipped(&mut self, _out: &mut SendBuf) {}
+    fn stop(&mut self) {}
+    fn drained(&self) -> bool {
+        true
+    }
+}
+
+/// The same when the worker fails: every connection's protocol is gone
+/// before its owner hears that the connection broke (invariant 1). Here the
+/// worker fails by a panic in another connection's protocol; the failing
+/// worker used to tell the owners first and drop the protocols after.
+#[test]
+fn a_failing_worker_lets_go_of_each_protocol_before_its_end_is_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
+    let held = Arc::new(());
+    let (ours, _theirs) = UnixStream::pair().unwrap();
+    let waiting = dev.serve(
+        OwnedFd::from(ours),
+        Vec::new(),
+        Box::new(SlowToDrop {
+            held: Some(held.clone()),
+            waits: true,
+        }),
+    );
+    let (ours, _theirs2) = UnixStream::pair().unwrap();
+    let failing = dev.serve(OwnedFd::from(ours), Vec::new(), Box::new(Panics));
+    let end = waiting.wait();
+    assert!(matches!(end, ConnEnd::Broken(_)), "{end:?}");
+    assert_eq!(
+        Arc::strong_count(&held),
+        1,
+        "a connection's end was told while the failing device still held its protocol"
+    );
+    assert!(matches!(failing.wait(), ConnEnd::Broken(_)));
+    assert!(
+        dev.close().is_err(),
+        "the worker's failure was not reported"
+    );
 }

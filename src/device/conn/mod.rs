@@ -589,11 +589,16 @@ impl Worker {
     }
 
     /// Ends every connection now (the worker is failing): their owners hear
-    /// `why`; buffers stay with the ring, which drains or leaks them.
+    /// `why`. What the kernel may still use (buffers, sockets) is in the
+    /// ring's tables, which drain or leak it; the rest of each connection,
+    /// its protocol included, goes before its owner hears (invariant 1).
     pub(super) fn fail_conns(&mut self, why: &str) {
-        for conn in self.conns.iter_mut().flatten() {
+        for slot in &mut self.conns {
+            let Some(conn) = slot.take() else { continue };
             let _ = shutdown(conn.fd, Shutdown::Both);
-            conn.done.set(ConnEnd::Broken(why.to_string()));
+            let done = conn.done.clone();
+            drop(conn);
+            done.set(ConnEnd::Broken(why.to_string()));
         }
     }
 
