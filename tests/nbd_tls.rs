@@ -770,4 +770,21 @@ fn unusable_key_and_certificate_files_get_an_error_saying_what_is_wrong() {
             && stderr.contains("not the private key"),
         "{stderr}"
     );
+
+    // The CA's certificate written before the server's own: the order named.
+    let dir = with_server_files("ca-first");
+    let cert = dir.join("server-cert.pem");
+    let chain = [
+        fs::read(dir.join("ca-cert.pem")).unwrap(),
+        fs::read(&cert).unwrap(),
+    ]
+    .concat();
+    fs::write(&cert, chain).unwrap();
+    let stderr = refused(&dir);
+    assert!(
+        stderr.contains(&cert.display().to_string())
+            && stderr.contains("must come first")
+            && stderr.contains("certificate 2"),
+        "{stderr}"
+    );
 }

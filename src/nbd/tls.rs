@@ -170,6 +170,22 @@ fn date_warnings(
     warnings
 }
 
+/// Which certificate of `chain` after the first (counting from 1) `key`
+/// belongs to, if any: a chain written CA first.
+fn key_owner(
+    chain: &[CertificateDer<'static>],
+    key: PrivateKeyDer<'static>,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Option<usize> {
+    let key = provider.key_provider.load_private_key(key).ok()?;
+    chain.iter().enumerate().skip(1).find_map(|(i, cert)| {
+        rustls::sign::CertifiedKey::new(vec![cert.clone()], key.clone())
+            .keys_match()
+            .is_ok()
+            .then_some(i + 1)
+    })
+}
+
 impl Tls {
     /// Loads `dir`'s `server-cert.pem` and `server-key.pem` (the layout
     /// qemu-nbd's and nbdkit's certificate directories have). With
@@ -218,19 +234,32 @@ impl Tls {
                     what: format!("not a usable CA certificate: {e}"),
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| config_error(format!("client verification: {e}")))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| config_error(format!("client verification: {e}")))?;
             builder.with_client_cert_verifier(verifier)
         } else {
             builder.with_no_client_auth()
         };
         let v1 = x509::version(&certs[0]) == Some(1);
+        let (chain, key_copy) = (certs.clone(), key.clone_key());
         let mut config = builder.with_single_cert(certs, key).map_err(|e| match e {
             rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                TlsError::File {
-                    path: key_path.clone(),
-                    what: format!("not the private key of {}", cert_path.display()),
+                match key_owner(&chain, key_copy, &provider) {
+                    Some(n) => TlsError::File {
+                        path: cert_path.clone(),
+                        what: format!(
+                            "the server's certificate must come first, then the ones that \
+                             signed it: {} is the private key of certificate {n} here, \
+                             not of the first",
+                            key_path.display()
+                        ),
+                    },
+                    None => TlsError::File {
+                        path: key_path.clone(),
+                        what: format!("not the private key of {}", cert_path.display()),
+                    },
                 }
             }
             rustls::Error::InvalidCertificate(_) if v1 => TlsError::File {
