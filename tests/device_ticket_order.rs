@@ -8,11 +8,14 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use common::protocol::Scripted;
 use nix::errno::Errno;
 use ubd::device::{
     Command, ConnCx, ConnEnd, Device, DeviceOptions, Event, Flags, Protocol, Recorder, Reply,
     Request, Role, SendBuf, Step, Waiter,
 };
+
+mod common;
 
 const A: u64 = 64 << 10;
 const B: u64 = 512 << 10;
@@ -146,47 +149,32 @@ fn a_submitted_request_and_a_connections_later_one_reach_the_host_in_ticket_orde
     dev.close().unwrap();
 }
 
-/// A protocol that closes at once (or, when `waits`, waits for input that
-/// never comes), and whose drop takes a while before it lets go of what it
-/// holds.
-struct SlowToDrop {
-    held: Option<Arc<()>>,
-    waits: bool,
-}
+/// Holds `Arc<()>` like a protocol holding the owner's things, and takes a
+/// while to let go of it when dropped.
+struct SlowRelease(Option<Arc<()>>);
 
-impl Drop for SlowToDrop {
+impl Drop for SlowRelease {
     fn drop(&mut self) {
         std::thread::sleep(std::time::Duration::from_millis(200));
-        self.held.take();
+        self.0.take();
     }
 }
 
-impl Protocol for SlowToDrop {
-    fn input(&mut self, _input: &[u8], _cx: &mut ConnCx<'_>) -> Step {
-        if self.waits {
-            return Step::NeedInput;
+/// A protocol holding `held` that closes at once, or, when `waits`, waits
+/// for input that never comes.
+fn slow_to_drop(held: &Arc<()>, waits: bool) -> Box<dyn Protocol> {
+    let guard = SlowRelease(Some(held.clone()));
+    Box::new(Scripted(move || {
+        let _holds = &guard;
+        if waits {
+            Step::NeedInput
+        } else {
+            Step::Close {
+                consumed: 0,
+                why: None,
+            }
         }
-        Step::Close {
-            consumed: 0,
-            why: None,
-        }
-    }
-
-    fn complete(
-        &mut self,
-        _token: u64,
-        _result: Result<Reply, Errno>,
-        _out: &mut SendBuf,
-    ) -> Option<String> {
-        None
-    }
-
-    fn input_ended(&mut self, _out: &mut SendBuf) {}
-    fn skipped(&mut self, _out: &mut SendBuf) {}
-    fn stop(&mut self) {}
-    fn drained(&self) -> bool {
-        true
-    }
+    }))
 }
 
 /// When `serve`'s owner hears that a connection ended, the device has let
@@ -202,14 +190,7 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
     let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
     let held = Arc::new(());
     let (ours, _theirs) = UnixStream::pair().unwrap();
-    let done = dev.serve(
-        OwnedFd::from(ours),
-        Vec::new(),
-        Box::new(SlowToDrop {
-            held: Some(held.clone()),
-            waits: false,
-        }),
-    );
+    let done = dev.serve(OwnedFd::from(ours), Vec::new(), slow_to_drop(&held, false));
     done.wait();
     assert_eq!(
         Arc::strong_count(&held),
@@ -217,31 +198,6 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
         "the connection's end was told while the device still held its protocol"
     );
     dev.close().unwrap();
-}
-
-/// A protocol whose first input panics (on the worker's thread).
-struct Panics;
-
-impl Protocol for Panics {
-    fn input(&mut self, _input: &[u8], _cx: &mut ConnCx<'_>) -> Step {
-        panic!("a protocol failed on the worker's thread (as this test means it to)");
-    }
-
-    fn complete(
-        &mut self,
-        _token: u64,
-        _result: Result<Reply, Errno>,
-        _out: &mut SendBuf,
-    ) -> Option<String> {
-        None
-    }
-
-    fn input_ended(&mut self, _out: &mut SendBuf) {}
-    fn skipped(&mut self, _out: &mut SendBuf) {}
-    fn stop(&mut self) {}
-    fn drained(&self) -> bool {
-        true
-    }
 }
 
 /// The same when the worker fails: every connection's protocol is gone
@@ -256,16 +212,15 @@ fn a_failing_worker_lets_go_of_each_protocol_before_its_end_is_heard() {
     let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
     let held = Arc::new(());
     let (ours, _theirs) = UnixStream::pair().unwrap();
-    let waiting = dev.serve(
+    let waiting = dev.serve(OwnedFd::from(ours), Vec::new(), slow_to_drop(&held, true));
+    let (ours, _theirs2) = UnixStream::pair().unwrap();
+    let failing = dev.serve(
         OwnedFd::from(ours),
         Vec::new(),
-        Box::new(SlowToDrop {
-            held: Some(held.clone()),
-            waits: true,
-        }),
+        Box::new(Scripted(|| -> Step {
+            panic!("a protocol failed on the worker's thread (as this test means it to)")
+        })),
     );
-    let (ours, _theirs2) = UnixStream::pair().unwrap();
-    let failing = dev.serve(OwnedFd::from(ours), Vec::new(), Box::new(Panics));
     let end = waiting.wait();
     assert!(matches!(end, ConnEnd::Broken(_)), "{end:?}");
     assert_eq!(

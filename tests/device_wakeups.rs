@@ -11,15 +11,15 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use common::protocol::Scripted;
 use nix::errno::Errno;
-use ubd::device::{
-    Command, ConnCx, ConnEnd, Device, DeviceOptions, Flags, Protocol, Reply, Request, SendBuf,
-    Sink, Step,
-};
+use ubd::device::{Command, ConnEnd, Device, DeviceOptions, Flags, Reply, Request, Sink, Step};
 
 /// How long a stop or close may take before the worker counts as asleep for
 /// good (a hang, not a speed limit: each takes well under a second).
 const WATCHDOG: Duration = Duration::from_secs(30);
+
+mod common;
 
 /// Rounds of each test: the test's close or stop lands in the worker's
 /// window when its thread starts within the sink's 5 ms, nearly always.
@@ -42,32 +42,6 @@ fn raw_device(dir: &tempfile::TempDir) -> Device {
         std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     }
     Device::open(&raw, &DeviceOptions::default()).unwrap()
-}
-
-/// A protocol that waits for input that never comes, and is drained at any
-/// time: after `stop_connections` its connection ends as stopped.
-struct Idle;
-
-impl Protocol for Idle {
-    fn input(&mut self, _input: &[u8], _cx: &mut ConnCx<'_>) -> Step {
-        Step::NeedInput
-    }
-
-    fn complete(
-        &mut self,
-        _token: u64,
-        _result: Result<Reply, Errno>,
-        _out: &mut SendBuf,
-    ) -> Option<String> {
-        None
-    }
-
-    fn input_ended(&mut self, _out: &mut SendBuf) {}
-    fn skipped(&mut self, _out: &mut SendBuf) {}
-    fn stop(&mut self) {}
-    fn drained(&self) -> bool {
-        true
-    }
 }
 
 /// A sink whose first `flush` (which the worker calls just before it
@@ -137,7 +111,11 @@ fn a_stop_that_races_the_worker_to_sleep_is_never_lost() {
     for round in 0..ROUNDS {
         let dev = raw_device(&dir);
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let done = dev.serve(OwnedFd::from(ours), Vec::new(), Box::new(Idle));
+        let done = dev.serve(
+            OwnedFd::from(ours),
+            Vec::new(),
+            Box::new(Scripted(|| Step::NeedInput)),
+        );
         let ((), sink) = while_the_worker_settles(&dev, round, || dev.stop_connections());
         let end = within_watchdog(
             &format!("round {round}: the stopped connection"),
