@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use common::protocol::Scripted;
+use common::device::{Scripted, raw_device};
 use nix::errno::Errno;
 use ubd::device::{
     Command, ConnCx, ConnEnd, Device, DeviceOptions, Event, Flags, Protocol, Recorder, Reply,
@@ -185,9 +185,7 @@ fn slow_to_drop(held: &Arc<()>, waits: bool) -> Box<dyn Protocol> {
 #[test]
 fn a_connections_protocol_is_gone_when_its_end_is_heard() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw.img");
-    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-    let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
+    let dev = raw_device(&dir);
     let held = Arc::new(());
     let (ours, _theirs) = UnixStream::pair().unwrap();
     let done = dev.serve(OwnedFd::from(ours), Vec::new(), slow_to_drop(&held, false));
@@ -207,9 +205,7 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
 #[test]
 fn a_failing_worker_lets_go_of_each_protocol_before_its_end_is_heard() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw.img");
-    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-    let dev = Device::open(&raw, &DeviceOptions::default()).unwrap();
+    let dev = raw_device(&dir);
     let held = Arc::new(());
     let (ours, _theirs) = UnixStream::pair().unwrap();
     let waiting = dev.serve(OwnedFd::from(ours), Vec::new(), slow_to_drop(&held, true));

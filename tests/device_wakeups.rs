@@ -11,9 +11,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::protocol::Scripted;
+use common::device::{Scripted, raw_device};
 use nix::errno::Errno;
-use ubd::device::{Command, ConnEnd, Device, DeviceOptions, Flags, Reply, Request, Sink, Step};
+use ubd::device::{Command, ConnEnd, Device, Flags, Reply, Request, Sink, Step};
 
 /// How long a stop or close may take before the worker counts as asleep for
 /// good (a hang, not a speed limit: each takes well under a second).
@@ -34,14 +34,6 @@ fn within_watchdog<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
     });
     rx.recv_timeout(WATCHDOG)
         .unwrap_or_else(|_| panic!("{what}: no end after {WATCHDOG:?}: a wake-up was lost"))
-}
-
-fn raw_device(dir: &tempfile::TempDir) -> Device {
-    let raw = dir.path().join("raw.img");
-    if !raw.exists() {
-        std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-    }
-    Device::open(&raw, &DeviceOptions::default()).unwrap()
 }
 
 /// A sink whose first `flush` (which the worker calls just before it

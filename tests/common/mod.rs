@@ -7,13 +7,14 @@
 //!   status and stderr when it fails.
 //! - [`ubd_bin`]: the `ubd` binary under test.
 //! - [`uml`]: build a bootable ext4 root image and boot User-Mode Linux on it.
-//! - [`protocol::Scripted`]: a protocol for tests that serve a device.
+//! - [`device`]: a raw device and a scripted protocol, for tests that drive a
+//!   device in-process.
 //!
 //! Tests fail (panic) rather than skip when a peer tool is missing.
 
 #![allow(dead_code)]
 
-pub mod protocol;
+pub mod device;
 pub mod server;
 pub mod uml;
 
