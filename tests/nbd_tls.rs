@@ -678,6 +678,34 @@ fn a_certificate_out_of_its_dates_is_named_with_its_date_at_start() {
 }
 
 #[test]
+fn a_private_key_other_users_can_read_is_named_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    let dir = fx.path("open-key");
+    fs::create_dir_all(&dir).unwrap();
+    for f in ["server-cert.pem", "server-key.pem", "ca-cert.pem"] {
+        fs::copy(fx.server_dir().join(f), dir.join(f)).unwrap();
+    }
+    let key = dir.join("server-key.pem");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+    let args = [
+        fx.cow.as_os_str().to_owned(),
+        "--tls-certificates".into(),
+        dir.clone().into_os_string(),
+    ];
+    let server = Server::start(&fx.socket(), &args);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "server exit {status}:\n{stderr}");
+    let key = key.display().to_string();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&key) && l.contains("chmod 600")),
+        "no warning naming {key}:\n{stderr}"
+    );
+}
+
+#[test]
 fn unusable_key_and_certificate_files_get_an_error_saying_what_is_wrong() {
     let fx = Fixture::new();
     let cow = fx.cow.to_str().unwrap();

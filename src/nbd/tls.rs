@@ -186,6 +186,21 @@ fn key_owner(
     })
 }
 
+/// A warning when the private key's file is open to other users: whoever
+/// can read it can pass for the server.
+fn key_mode_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "{}: the private key is open to other users (mode {mode:03o}); \
+             make it private: chmod 600 {}",
+            path.display(),
+            path.display()
+        )
+    })
+}
+
 impl Tls {
     /// Loads `dir`'s `server-cert.pem` and `server-key.pem` (the layout
     /// qemu-nbd's and nbdkit's certificate directories have). With
@@ -209,6 +224,7 @@ impl Tls {
         );
         let key_path = dir.join(SERVER_KEY);
         let key = load_key(&key_path)?;
+        warnings.extend(key_mode_warning(&key_path));
         // ring, not rustls's default aws-lc-rs, which would add a large C
         // build to every build of the project; ring lacks only the
         // post-quantum key exchanges, and clients fall back to X25519 or
