@@ -188,3 +188,49 @@ fn the_demo_banner_commands_work_as_printed() {
     let status = child.wait().unwrap();
     assert!(status.success(), "demo exit {status}");
 }
+
+/// `--dir` naming a directory of the user's that holds no demo: the demo
+/// refuses at once, and nothing there (not even a `content` directory or a
+/// `base.img.tmp`, the names it builds its base image under) is touched.
+#[test]
+fn demo_refuses_a_directory_that_is_not_a_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("content")).unwrap();
+    std::fs::write(dir.join("content/thesis.txt"), "years of work\n").unwrap();
+    std::fs::write(dir.join("base.img.tmp"), "mine\n").unwrap();
+    std::fs::write(dir.join("demo.cow"), "also mine\n").unwrap();
+    let mut child = start_demo(dir, Stdio::piped());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ubd demo did not refuse a directory that is not a demo");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&dir.display().to_string()) && stderr.contains("not empty"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("content/thesis.txt")).unwrap(),
+        "years of work\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("base.img.tmp")).unwrap(),
+        "mine\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("demo.cow")).unwrap(),
+        "also mine\n"
+    );
+    assert!(!dir.join("base.img").exists());
+}

@@ -13,8 +13,8 @@ use super::serve::{Plan, serve};
 ///
 /// Makes DIR/base.img (a 64 MiB ext4 file system, read-only, built with
 /// mkfs.ext4 -d) and DIR/demo.cow (an empty UML COW overlay over it) unless
-/// they exist, then serves the overlay on DIR/nbd.sock and prints commands to
-/// try. Writes land in the overlay; the base image never changes. Ctrl-C
+/// they exist (a DIR without base.img must be new or empty), then serves the
+/// overlay on DIR/nbd.sock and prints commands to try. Writes land in the overlay; the base image never changes. Ctrl-C
 /// stops the server; --fresh starts again from an empty overlay.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
@@ -41,9 +41,21 @@ pub fn run(args: Args) -> Outcome {
     let cow = dir.join("demo.cow");
     let socket = dir.join("nbd.sock");
     if !base.exists() {
+        // The demo makes its files (and its staging directory) only where
+        // nothing of anyone else's can be in the way.
+        let empty = std::fs::read_dir(&dir)
+            .map_err(|e| format!("{}: cannot read the directory: {e}", dir.display()))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(format!(
+                "{}: not empty, and not a demo directory (it has no base.img); \
+                 give --dir a new or empty directory",
+                dir.display()
+            )
+            .into());
+        }
         make_base(&dir, &base)?;
-        // A new base invalidates any old overlay (its recorded mtime).
-        let _ = std::fs::remove_file(&cow);
     }
     if args.fresh || !cow.exists() {
         ubd::image::create_overlay(&cow, &base, true)?;
