@@ -234,3 +234,70 @@ fn demo_refuses_a_directory_that_is_not_a_demo() {
     );
     assert!(!dir.join("base.img").exists());
 }
+
+/// Runs `ubd demo --dir DIR` until it serves, then stops it with SIGINT;
+/// panics if it exits first.
+fn demo_until_served(dir: &std::path::Path) {
+    let mut child = start_demo(dir, Stdio::piped());
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(dir.join("nbd.sock")).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "ubd demo --dir {} exited with {status}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "demo never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(child.id(), "INT");
+    assert!(child.wait().unwrap().success());
+}
+
+/// A demo directory moved elsewhere serves from there (its overlay names
+/// the base's old path); one whose base was touched since is refused with
+/// a word about `--fresh`, which then starts over.
+#[test]
+fn demo_runs_again_after_its_directory_moved_and_says_fresh_when_stale() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (old, new) = (tmp.path().join("old"), tmp.path().join("new"));
+    demo_until_served(&old);
+    std::fs::rename(&old, &new).unwrap();
+    demo_until_served(&new);
+
+    run(Command::new("touch")
+        .args(["-d", "2001-01-01"])
+        .arg(new.join("base.img")));
+    let out = common::output(ubd().arg("demo").arg("--dir").arg(&new));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("demo.cow") && stderr.contains("--fresh"),
+        "{stderr}"
+    );
+    let mut fresh = ubd()
+        .arg("demo")
+        .arg("--fresh")
+        .arg("--dir")
+        .arg(&new)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ubd demo --fresh");
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(new.join("nbd.sock")).is_err() {
+        assert!(
+            fresh.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(60),
+            "ubd demo --fresh did not serve"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(fresh.id(), "INT");
+    assert!(fresh.wait().unwrap().success());
+}

@@ -59,6 +59,20 @@ pub fn run(args: Args) -> Outcome {
     }
     if args.fresh || !cow.exists() {
         ubd::image::create_overlay(&cow, &base, true)?;
+    } else if let Ok(ubd::image::Image::Cow(overlay)) = ubd::image::Image::probe(&cow) {
+        // The overlay reads DIR/base.img, wherever DIR has moved; one that
+        // no longer matches it (a copied or touched base) cannot be served.
+        let problem = match overlay.backing(Some(&base), None) {
+            Ok(examined) => examined.state.problem(&overlay.header, &base),
+            Err(e) => Some(ubd::error_chain(&e)),
+        };
+        if let Some(problem) = problem {
+            return Err(format!(
+                "{}: {problem}; `ubd demo --fresh` starts again with an empty overlay",
+                cow.display()
+            )
+            .into());
+        }
     }
     let uri = ubd::nbd::uri::unix(false, &socket, "");
     let mnt = dir.join("mnt");
@@ -99,7 +113,10 @@ pub fn run(args: Args) -> Outcome {
         socket: Some(socket),
         tcp: None,
         listen_asked: false,
-        device: DeviceOptions::default(),
+        device: DeviceOptions {
+            backing: Some(base),
+            ..DeviceOptions::default()
+        },
         pid_file: None,
         max_connections: 64,
         handshake_limit: ubd::nbd::server::HANDSHAKE_LIMIT,
