@@ -53,3 +53,47 @@ fn bench_reports_requests_flushes_and_the_reserve_path() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("larger than the device"));
 }
+
+/// `--flush-interval N` sends one FLUSH for every N writes, however many
+/// fall due while one is being sent.
+#[test]
+fn bench_sends_a_flush_after_every_n_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, common::pseudo_random_bytes(4, 4 << 20)).unwrap();
+    let cow = dir.path().join("scratch.cow");
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    for (depth, count, interval) in [("1", 100, 1), ("8", 200, 1), ("8", 200, 4)] {
+        let text = run(ubd()
+            .args(["bench", "--pattern", "randwrite", "--queue-depth", depth])
+            .args(["--count", &count.to_string()])
+            .args(["--flush-interval", &interval.to_string()])
+            .args(["--output", "json"])
+            .arg(&cow));
+        let j: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(j["requests"], count, "{j}");
+        assert_eq!(j["flushes"], count / interval, "qd{depth}: {j}");
+    }
+}
+
+/// Numbers out of range are refused as usage errors, naming the option,
+/// before anything is opened (no panic for a --time no clock can hold).
+#[test]
+fn bench_refuses_a_time_or_mix_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    for args in [
+        ["--time", "inf"],
+        ["--time", "1e30"],
+        ["--time", "NaN"],
+        ["--time=-1", "--count=1"],
+        ["--rwmix-read", "150"],
+    ] {
+        let out = common::output(ubd().arg("bench").args(args).arg(&img));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        let option = args[0].split('=').next().unwrap();
+        assert!(stderr.contains(option), "{args:?}: {stderr}");
+    }
+}

@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(short, long, default_value_t = 32)]
     queue_depth: usize,
     /// Seconds to run (unless --count is given).
-    #[arg(short, long, default_value_t = 10.0)]
+    #[arg(short, long, value_parser = parse_seconds, default_value_t = 10.0)]
     time: f64,
     /// Stop after this many requests instead of after --time.
     #[arg(short = 'n', long)]
@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     flush_interval: u64,
     /// Percentage of reads in randrw.
-    #[arg(long, default_value_t = 70)]
+    #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
     rwmix_read: u8,
     /// Host page cache use.
     #[arg(long, value_enum, default_value_t)]
@@ -143,8 +143,8 @@ struct State {
     /// Requests the callback could not issue without waiting: the submitting
     /// thread issues them.
     handoff: VecDeque<Next>,
-    /// A FLUSH is due: the submitting thread sends it.
-    flush_due: bool,
+    /// FLUSHes due: the submitting thread sends them.
+    flushes_due: u64,
 }
 
 /// A closed loop, as fio's io_uring engine runs one: each completion issues
@@ -200,7 +200,7 @@ impl Load {
             st.writes_since_flush += 1;
             if self.flush_interval > 0 && st.writes_since_flush >= self.flush_interval {
                 st.writes_since_flush = 0;
-                st.flush_due = true;
+                st.flushes_due += 1;
             }
         }
         Some(Next {
@@ -292,9 +292,17 @@ impl Sink for Load {
             _ => false,
         };
         let st = self.lock();
-        if handed || st.flush_due || st.in_flight == 0 {
+        if handed || st.flushes_due > 0 || st.in_flight == 0 {
             self.wake.notify_one();
         }
+    }
+}
+
+/// `--time`: seconds, from 0 to a billion (about 32 years).
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(t) if (0.0..=1e9).contains(&t) => Ok(t),
+        _ => Err(format!("{text:?} is not a number of seconds from 0 to 1e9")),
     }
 }
 
@@ -352,7 +360,7 @@ pub fn run(args: Args) -> Outcome {
         rwmix_read: args.rwmix_read,
         flush_interval: args.flush_interval,
         count: args.count,
-        deadline: start + Duration::from_secs_f64(args.time.max(0.0)),
+        deadline: start + Duration::from_secs_f64(args.time),
         state: Mutex::new(State {
             rng: Rng(args.seed.max(1)),
             seq_next: 0,
@@ -365,7 +373,7 @@ pub fn run(args: Args) -> Outcome {
             in_flight: 0,
             writes_since_flush: 0,
             handoff: VecDeque::with_capacity(args.queue_depth),
-            flush_due: false,
+            flushes_due: 0,
         }),
         wake: Condvar::new(),
         me: me.clone(),
@@ -380,16 +388,16 @@ pub fn run(args: Args) -> Outcome {
     loop {
         let (work, flush) = {
             let mut st = load.lock();
-            while st.handoff.is_empty() && !st.flush_due && st.in_flight > 0 {
+            while st.handoff.is_empty() && st.flushes_due == 0 && st.in_flight > 0 {
                 st = load.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
-            if st.in_flight == 0 && st.handoff.is_empty() {
+            if st.in_flight == 0 && st.handoff.is_empty() && st.flushes_due == 0 {
                 break;
             }
-            let flush = std::mem::take(&mut st.flush_due);
-            (st.handoff.pop_front(), flush)
+            let flushes = std::mem::take(&mut st.flushes_due);
+            (st.handoff.pop_front(), flushes)
         };
-        if flush {
+        for _ in 0..flush {
             load.flush();
         }
         if let Some(n) = work {
