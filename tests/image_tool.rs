@@ -464,6 +464,29 @@ fn create_raw_image_and_sizes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown size unit"));
 }
 
+/// A SIZE past what a file can hold is refused in words, before FILE is
+/// touched: an existing one given with --force keeps its contents.
+#[test]
+fn create_refuses_a_size_no_file_can_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    fs::write(&disk, b"keep me").unwrap();
+    for size in ["8E", "15E", "9223372036854775808"] {
+        let out = output(ubd().args(["create", "--force"]).arg(&disk).arg(size));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{size}: {err}");
+        assert!(
+            err.contains("SIZE") && err.contains("more than a file can hold"),
+            "{size}: {err}"
+        );
+        assert_eq!(fs::read(&disk).unwrap(), b"keep me", "{size}");
+    }
+    let out = output(ubd().arg("create").arg(dir.path().join("x")).arg("-1"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("negative"), "{err}");
+}
+
 /// A qcow2, VMDK or VDI file given where a raw image goes is still read as
 /// a raw disk, but `info` says what it looks like, and the verbs that read
 /// it warn, naming the file. qemu-img makes the images.

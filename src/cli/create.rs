@@ -36,7 +36,7 @@ pub struct Args {
     /// The overlay or raw image to create.
     file: PathBuf,
     /// Size of a raw image (e.g. 512M, 10G); an overlay takes its size from BASE.
-    #[arg(value_parser = parse_size)]
+    #[arg(value_parser = parse_size, allow_negative_numbers = true)]
     size: Option<u64>,
 }
 
@@ -57,6 +57,15 @@ pub fn run(args: Args) -> Outcome {
             ("cow", Some(header.backing_file), size)
         }
         (None, Some(size)) => {
+            // Refused before FILE is touched (with --force, truncated).
+            if i64::try_from(size).is_err() {
+                return Err(format!(
+                    "SIZE {} ({size} bytes) is more than a file can hold ({} bytes at most)",
+                    format_size(size),
+                    i64::MAX
+                )
+                .into());
+            }
             image::create_raw(&args.file, size, args.force)?;
             ("raw", None, size)
         }

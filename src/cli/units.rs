@@ -13,6 +13,9 @@ const UNITS: [(char, u32); 6] = [
 /// Parses `4096`, `64K`, `10G`, `1.5T`, `512MiB`, `2gb` (case-insensitive).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
+    if t.starts_with('-') {
+        return Err(format!("{text:?} is negative: a size is 0 or more bytes"));
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -117,6 +120,10 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            parse_size("-1"),
+            Err(r#""-1" is negative: a size is 0 or more bytes"#.to_string())
+        );
     }
 
     #[test]
