@@ -487,6 +487,33 @@ fn create_refuses_a_size_no_file_can_hold() {
     assert!(err.contains("negative"), "{err}");
 }
 
+/// An overlay given as another overlay's backing file (a slip for its
+/// base): overlays do not chain, so `create` and the readers warn, naming
+/// it, as for a qcow2 file there.
+#[test]
+fn an_overlay_as_a_backing_file_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, cow, _) = common::base_and_overlay(dir.path(), 5, 1 << 20);
+    let over = dir.path().join("over.cow");
+    let out = output(ubd().args(["create", "--backing"]).arg(&cow).arg(&over));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let warning = format!(
+        "{}: the backing file {}: is a UML COW overlay",
+        over.display(),
+        cow.display()
+    );
+    assert!(
+        stderr.contains(&warning),
+        "ubd create does not warn: {stderr}"
+    );
+    assert!(stderr.contains("ubd convert"), "{stderr}");
+    let out = output(ubd().arg("map").arg(&over));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&warning), "ubd map does not warn: {stderr}");
+}
+
 /// A qcow2, VMDK or VDI file given where a raw image goes is still read as
 /// a raw disk, but `info` says what it looks like, and the verbs that read
 /// it warn, naming the file. qemu-img makes the images.

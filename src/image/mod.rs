@@ -146,13 +146,18 @@ pub struct RawImage {
 
 /// The disk image format whose header `head` (a file's first bytes) starts
 /// with, for those that hold a disk rather than being one: qcow, qcow2,
-/// QED, VMDK, VHDX, VHD and VDI. ubd reads any file that is not a UML COW
-/// overlay as a raw disk, which is right for such a file only if a guest
+/// QED, VMDK, VHDX, VHD and VDI, and a UML COW overlay where a backing file
+/// goes. ubd reads those as a raw disk, which is right for such a file only if a guest
 /// wrote that header itself; more likely it was given the wrong file. A file
 /// system or LUKS header at offset 0 is the content of a raw disk, not
 /// another format, and is not named here.
 pub fn container_format(head: &[u8]) -> Option<&'static str> {
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    // A UML COW overlay given as another's backing file: overlays do not
+    // chain (UML reads a backing file as a raw disk too).
+    if at(0, &ubd_cow::COW_MAGIC.to_be_bytes()) || at(0, &ubd_cow::COW_MAGIC.to_le_bytes()) {
+        return Some(UML_COW);
+    }
     if at(0, b"QFI\xfb") {
         let version = head
             .get(4..8)
@@ -175,9 +180,20 @@ pub fn container_format(head: &[u8]) -> Option<&'static str> {
         .map(|(_, _, name)| *name)
 }
 
+/// What [`container_format`] calls a UML COW overlay.
+const UML_COW: &str = "UML COW";
+
 /// The warning for a file ubd reads as a raw disk that starts with the
 /// header of `format` (see [`container_format`]).
 pub fn container_warning(path: &Path, format: &str) -> String {
+    if format == UML_COW {
+        return format!(
+            "{}: is a UML COW overlay, but ubd reads a backing file as a raw disk \
+             (overlays do not chain: its header and bitmap included); \
+             `ubd convert` makes a raw image of the disk it holds",
+            path.display()
+        );
+    }
     format!(
         "{}: starts with a {format} header, but ubd reads it as a raw disk image \
          (its {format} header and tables included); if it is a {format} image, \
@@ -412,6 +428,8 @@ mod container_tests {
         );
         assert_eq!(container_format(&with(0, b"QED\0")), Some("QED"));
         // Contents of a raw disk: nothing, LUKS, an ext4 superblock.
+        assert_eq!(container_format(&with(0, b"OOOM")), Some("UML COW"));
+        assert_eq!(container_format(&with(0, b"MOOO")), Some("UML COW"));
         assert_eq!(container_format(&[0u8; 512]), None);
         assert_eq!(container_format(&with(0, b"LUKS\xba\xbe")), None);
         assert_eq!(container_format(&with(0x438, &[0x53, 0xef])), None);
