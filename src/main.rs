@@ -40,8 +40,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            // Usage errors exit 1, so that `ubd check` keeps 2 and 3 for what it finds.
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+            // Usage errors exit 1, so that `ubd check` keeps 2 and 3 for what
+            // it finds; but 2 for `ubd compare`, whose 1 means "they differ".
+            let code = match std::env::args_os().nth(1) {
+                _ if !e.use_stderr() => 0,
+                Some(verb) if verb == "compare" => 2,
+                _ => 1,
+            };
+            return ExitCode::from(code);
         }
     };
     if !matches!(cli.command, Command::Serve(_) | Command::Demo(_)) {

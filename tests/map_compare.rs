@@ -716,3 +716,26 @@ fn compare_stops_on_ctrl_c() {
     assert!(stderr.contains("Interrupted at offset"), "{stderr}");
     assert!(!stdout.contains("identical"), "{stdout}");
 }
+
+/// A mistyped `ubd compare` command exits 2, an error, never 1, which a
+/// script reads as "the images differ".
+#[test]
+fn compare_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.img");
+    fs::write(&a, [0u8; 512]).unwrap();
+    for args in [
+        &["compare"][..],
+        &["compare", "only-one.img"][..],
+        &["compare", "--bogus", "x", "y"][..],
+        &["compare", "--output", "yaml", "x", "y"][..],
+    ] {
+        let out = output(ubd().args(args));
+        assert_eq!(exit_code(&out), 2, "{args:?}: {}", text(&out.stderr));
+    }
+    let out = output(ubd().args(["compare", "--help"]));
+    assert_eq!(exit_code(&out), 0);
+    // Other verbs keep 1 for a usage error.
+    let out = output(ubd().args(["check", "--bogus"]).arg(&a));
+    assert_eq!(exit_code(&out), 1);
+}

@@ -40,7 +40,8 @@ const STATUS_WINDOW: u64 = 1 << 30;
 ///
 /// Exit status: 0 identical; 1 they differ ("Content mismatch at offset N!",
 /// N the first differing byte); 2 the comparison could not be made (a file
-/// cannot be opened or read, or an overlay is in use); 130 interrupted.
+/// cannot be opened or read, an overlay is in use, or the command line is
+/// wrong); 130 interrupted.
 ///
 /// Both images are opened read-only; an overlay that UML or a `ubd` server has
 /// open is refused as in use. A progress bar shows on a terminal; Ctrl-C
