@@ -2361,3 +2361,28 @@ fn printed_uris_are_percent_encoded_and_nbdinfo_connects_with_them() {
         seen.join("\n")
     );
 }
+
+/// A buffer pool that cannot be made (past what can be addressed, or more
+/// memory than there is) is refused at once with a message that names
+/// `--pool-size`, in `serve` and in `bench` alike.
+#[test]
+fn a_pool_size_that_cannot_be_made_is_named() {
+    let dir = TempDir::new().unwrap();
+    let (_base, cow, _) = common::base_and_overlay(dir.path(), 12, 1 << 20);
+    for size in ["1E", "15E"] {
+        let (code, err) = common::server::serve_refused(
+            &dir.path().join("s.sock"),
+            &[cow.as_os_str(), "--pool-size".as_ref(), size.as_ref()],
+        );
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(&format!("--pool-size {size}")), "{err}");
+        let out = output(
+            ubd()
+                .args(["bench", "--count", "1", "--pool-size", size])
+                .arg(&cow),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("--pool-size {size}")), "{err}");
+    }
+}

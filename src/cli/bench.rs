@@ -338,7 +338,9 @@ pub fn run(args: Args) -> Outcome {
         queue_depth: (args.queue_depth as u32 * 4).clamp(64, 4096),
         ..DeviceOptions::default()
     };
-    let dev = Arc::new(Device::open(&args.file, &opts)?);
+    let dev = Arc::new(
+        Device::open(&args.file, &opts).map_err(|e| super::pool_size_error(e, opts.pool_size))?,
+    );
     dev.pool().set_fail_ordinary(args.fail_alloc);
     let bs = args.block_size;
     if bs > dev.max_io() || bs > dev.capacity() {

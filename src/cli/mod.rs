@@ -46,6 +46,23 @@ impl BackingDir {
     }
 }
 
+/// An error opening a device for a verb that takes `--pool-size`: one
+/// about its buffer pool names the option.
+pub fn pool_size_error(
+    e: ubd::device::DeviceError,
+    pool_size: usize,
+) -> Box<dyn std::error::Error> {
+    match e {
+        ubd::device::DeviceError::Pool(p) => format!(
+            "--pool-size {}: {}",
+            units::format_size(pool_size as u64),
+            ubd::error_chain(&p)
+        )
+        .into(),
+        e => e.into(),
+    }
+}
+
 /// Host page cache use, with the names qemu users know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum CacheArg {

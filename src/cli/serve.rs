@@ -348,7 +348,8 @@ pub fn serve(plan: Plan) -> Outcome {
     }
     let mut exports = Vec::new();
     for (name, file) in &plan.exports {
-        let device = Device::open(file, &plan.device)?;
+        let device = Device::open(file, &plan.device)
+            .map_err(|e| super::pool_size_error(e, plan.device.pool_size))?;
         device.pool().set_fail_ordinary(plan.fail_alloc);
         if plan.fail_alloc {
             tracing::warn!(export = %name, "--fail-alloc: every buffer allocation takes the reserve path");
