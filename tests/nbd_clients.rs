@@ -2386,3 +2386,48 @@ fn a_pool_size_that_cannot_be_made_is_named() {
         assert!(err.contains(&format!("--pool-size {size}")), "{err}");
     }
 }
+
+/// `ubd serve cow.img` run in the overlay's directory (the socket then
+/// `cow.img.sock`, relative) prints a URI a client in another directory
+/// can use: the socket's absolute path.
+#[test]
+fn the_printed_uri_works_from_another_directory() {
+    let dir = TempDir::new().unwrap();
+    let (_base, cow, _) = common::base_and_overlay(dir.path(), 13, 1 << 20);
+    let mut child = ubd()
+        .arg("serve")
+        .arg(cow.file_name().unwrap())
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ubd serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = line
+        .trim()
+        .strip_prefix("ubd: serving the default export at ")
+        .unwrap_or_else(|| panic!("no URI: {line:?}"))
+        .to_string();
+    let info = output(
+        Command::new(tool("nbdinfo", "libnbd-bin"))
+            .arg("--size")
+            .arg(&uri)
+            .current_dir("/"),
+    );
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert!(
+        info.status.success(),
+        "nbdinfo from / cannot use {uri}: {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&info.stdout).trim(),
+        (1 << 20).to_string()
+    );
+    assert!(!dir.path().join("cow.img.sock").exists());
+}

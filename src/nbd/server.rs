@@ -196,6 +196,12 @@ impl Listener {
                             .and_then(|a| a.as_pathname().map(Path::to_path_buf))
                     })
                     .unwrap_or_default();
+                // Absolute, for a client in another directory, unless that
+                // is too long for a socket address (108 bytes).
+                let path = std::path::absolute(&path)
+                    .ok()
+                    .filter(|p| p.as_os_str().len() < 108)
+                    .unwrap_or(path);
                 super::uri::unix(tls, &path, export)
             }
             Listener::Tcp(l) => match l.local_addr() {
