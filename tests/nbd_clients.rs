@@ -2431,3 +2431,26 @@ fn the_printed_uri_works_from_another_directory() {
     );
     assert!(!dir.path().join("cow.img.sock").exists());
 }
+
+/// `--socket` naming a regular file or a directory: refused at once, in
+/// words, and the file is left as it was.
+#[test]
+fn a_socket_path_that_is_a_file_is_refused_and_kept() {
+    let dir = TempDir::new().unwrap();
+    let (_base, cow, _) = common::base_and_overlay(dir.path(), 14, 1 << 20);
+    let file = dir.path().join("notes.txt");
+    fs::write(&file, "keep\n").unwrap();
+    for path in [file.clone(), dir.path().to_path_buf()] {
+        let (code, err) = common::server::serve_refused(&path, &[&cow]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{}: exists and is not a socket: refusing to replace it",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("entity already exists"), "{err}");
+    }
+    assert_eq!(fs::read_to_string(&file).unwrap(), "keep\n");
+}

@@ -99,7 +99,7 @@ impl Listener {
                 return Err(ServerError::Socket {
                     path: path.to_path_buf(),
                     what: "exists and is not a socket",
-                    source: io::Error::from(io::ErrorKind::AlreadyExists),
+                    source: io::Error::other("refusing to replace it (is --socket mistyped?)"),
                 });
             }
             std::fs::remove_file(path).map_err(|source| ServerError::Socket {
