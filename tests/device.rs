@@ -972,3 +972,36 @@ fn a_write_of_no_bytes_succeeds() {
     }
     f.assert_base_untouched();
 }
+
+/// A read-only device wrote nothing, so it syncs nothing when it closes: a
+/// reader (`map`, `compare`, a read-only export) never fails at the end on
+/// a file whose fdatasync fails, such as one on a file system without it.
+#[test]
+fn a_read_only_device_syncs_nothing_when_it_closes() {
+    let f = fixture(1 << 20, 61);
+    for (path, cache) in [(&f.cow, Cache::None), (&f.base, Cache::Writeback)] {
+        let recorder = Arc::new(Recorder::new());
+        let o = DeviceOptions {
+            read_only: true,
+            recorder: Some(recorder.clone()),
+            ..opts(false, cache)
+        };
+        let dev = Device::open(path, &o).unwrap();
+        let got = dev.call(Request {
+            command: Command::Read,
+            offset: 4096,
+            len: 4096,
+            flags: Flags::default(),
+            data: Some(dev.alloc(4096, 4096).unwrap()),
+            token: 1,
+        });
+        assert!(got.is_ok(), "{}: {got:?}", path.display());
+        dev.close().unwrap();
+        let syncs = recorder
+            .events()
+            .into_iter()
+            .filter(|e| matches!(e, Event::Sync { .. }))
+            .count();
+        assert_eq!(syncs, 0, "{}: a read-only device synced", path.display());
+    }
+}

@@ -390,7 +390,8 @@ impl Worker {
             self.push_backlog();
             let closing = self.closing.load(Ordering::SeqCst);
             if closing && self.local.is_empty() && !self.busy() {
-                if final_round {
+                // A read-only device wrote nothing: it has nothing to sync.
+                if final_round || self.read_only {
                     break;
                 }
                 // A last round makes everything acknowledged durable.
