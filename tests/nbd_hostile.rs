@@ -294,7 +294,12 @@ fn a_disconnect_in_the_middle_of_a_header_harms_nothing() {
 #[test]
 fn a_disconnect_in_the_middle_of_a_write_payload_writes_nothing() {
     // Also clients that hang up with READ replies unread.
-    hostile_case("disconnect_mid_payload", &[], WHOLE);
+    let (_, log) = hostile_case_and_log("disconnect_mid_payload", &[], WHOLE);
+    // The refused WRITE's end is logged with the bytes it still owed.
+    assert!(
+        log.contains("refused request's payload (64536 bytes of it still to come)"),
+        "{log}"
+    );
 }
 
 #[test]

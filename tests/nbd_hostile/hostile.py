@@ -830,6 +830,11 @@ def case_disconnect_mid_payload(ctx):
                 if magic != R.SIMPLE_MAGIC or err == 0:
                     fail("the truncated WRITE was answered %r" % got[:16])
         c.close()
+    # A WRITE past the end, refused once its payload is read: gone after
+    # 1000 of its 65536 bytes (the log says how many were still to come).
+    c = R.connect_go(ctx.sock)
+    c.send(c.request_bytes(R.CMD_WRITE, ctx.size, 65536, 0, 1) + b"\xee" * 1000)
+    c.close()
     # The same with a big write already in flight before it.
     c = R.connect_go(ctx.sock, structured=True)
     k = c.send_req(R.CMD_WRITE, 3 * MiB, MiB, 0, ctx.base[3 * MiB : 4 * MiB])

@@ -114,7 +114,13 @@ impl Worker {
                 conn.recv_busy = false;
                 match done.result {
                     Ok(0) => {
-                        let end = if conn.in_start < conn.in_end || conn.skip > 0 {
+                        let end = if conn.skip > 0 {
+                            ConnEnd::Broken(format!(
+                                "the client closed the connection in the middle of a refused \
+                                 request's payload ({} bytes of it still to come)",
+                                conn.skip
+                            ))
+                        } else if conn.in_start < conn.in_end {
                             ConnEnd::Broken(format!(
                                 "the client closed the connection in the middle of a request \
                                  ({} bytes of it arrived)",
