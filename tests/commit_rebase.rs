@@ -520,3 +520,47 @@ fn rebase_follows_a_moved_backing_file_and_refuses_a_changed_one() {
     );
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Rewrites the v3 overlay `cow` with `alignment` in place of its own: the
+/// bitmap and data move to where that alignment puts them.
+fn relayout(cow: &Path, alignment: u32) {
+    let old = fs::read(cow).unwrap();
+    let mut header = ubd_cow::Header::parse(&old).unwrap();
+    let from = ubd_cow::Geometry::new(&header).unwrap();
+    header.alignment = alignment;
+    let to = ubd_cow::Geometry::new(&header).unwrap();
+    let mut new = header.encode().unwrap();
+    new.resize(to.bitmap_offset as usize, 0);
+    let bitmap = from.bitmap_offset as usize..(from.bitmap_offset + from.bitmap_len) as usize;
+    new.extend_from_slice(&old[bitmap]);
+    new.resize(to.data_offset as usize, 0);
+    new.extend_from_slice(&old[from.data_offset as usize..]);
+    fs::write(cow, new).unwrap();
+}
+
+/// A v3 overlay whose alignment is not 4096 (UML on a host with 64 KiB
+/// pages writes 65536): rebase keeps its alignment, so the bitmap and data
+/// stay where the header says they are and the disk reads the same.
+#[test]
+fn rebase_keeps_an_alignment_other_than_4096() {
+    for alignment in [512u32, 65536] {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, cow) = overlay(dir.path(), 1 << 20, 0);
+        let before = device_bytes(&cow, 1 << 20);
+        relayout(&cow, alignment);
+        assert_eq!(ubd_info(&cow)["alignment"], alignment);
+        assert!(
+            device_bytes(&cow, 1 << 20) == before,
+            "relayout changed the disk"
+        );
+        let moved = dir.path().join("moved.img");
+        fs::rename(&base, &moved).unwrap();
+        run(ubd().args(["rebase", "--backing"]).arg(&moved).arg(&cow));
+        run(ubd().arg("check").arg(&cow));
+        assert_eq!(ubd_info(&cow)["alignment"], alignment);
+        assert!(
+            device_bytes(&cow, 1 << 20) == before,
+            "alignment {alignment}: the disk reads differently after rebase"
+        );
+    }
+}

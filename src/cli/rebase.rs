@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ubd::image::{self, BackingState, Image, LockKind};
-use ubd_cow::{Header, Version};
+use ubd_cow::{Geometry, Header, Version};
 
 use super::{BackingDir, Outcome, Output};
 
@@ -99,8 +99,18 @@ pub fn run(args: Args) -> Outcome {
             .into());
         }
     }
-    let header =
+    let mut header =
         Header::new_v3(&new, stamp.size, mtime).map_err(|e| format!("{}: {e}", new.display()))?;
+    // The alignment places the bitmap and the data: keep the overlay's (UML
+    // on a host with 64 KiB pages writes 65536), or both would move.
+    header.alignment = cow.header.alignment;
+    if Geometry::new(&header).ok() != Some(cow.geometry) {
+        return Err(format!(
+            "{}: the new header would move the bitmap or the data; refusing to rebase",
+            args.file.display()
+        )
+        .into());
+    }
     let bytes = header
         .encode()
         .map_err(|e| format!("{}: {e}", new.display()))?;
