@@ -51,7 +51,24 @@ fn bench_reports_requests_flushes_and_the_reserve_path() {
             .arg(&cow),
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than the device"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("larger than the device"), "{err}");
+    assert!(err.contains(cow.to_str().unwrap()), "{err}");
+    // So does one bigger than a raw image of a few bytes (a damaged overlay
+    // whose magic is gone), named too, without a hint at the pool.
+    let raw = dir.path().join("tiny.img");
+    fs::write(&raw, b"abc").unwrap();
+    let out = common::output(ubd().args(["bench", "--count", "1"]).arg(&raw));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}: --block-size 4K is larger than the device (3)",
+            raw.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("--pool-size"), "{err}");
 }
 
 /// `--flush-interval N` sends one FLUSH for every N writes, however many

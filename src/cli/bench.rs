@@ -343,12 +343,20 @@ pub fn run(args: Args) -> Outcome {
     );
     dev.pool().set_fail_ordinary(args.fail_alloc);
     let bs = args.block_size;
-    if bs > dev.max_io() || bs > dev.capacity() {
+    if bs > dev.capacity() {
         return Err(format!(
-            "--block-size {} is larger than the device ({}) or its largest request ({}); \
-             raise --pool-size",
+            "{}: --block-size {} is larger than the device ({})",
+            args.file.display(),
             format_size(bs),
-            format_size(dev.capacity()),
+            format_size(dev.capacity())
+        )
+        .into());
+    }
+    if bs > dev.max_io() {
+        return Err(format!(
+            "{}: --block-size {} is larger than the largest request ({}); raise --pool-size",
+            args.file.display(),
+            format_size(bs),
             format_size(dev.max_io())
         )
         .into());
