@@ -564,3 +564,48 @@ fn rebase_keeps_an_alignment_other_than_4096() {
         );
     }
 }
+
+/// An overlay cut short inside its data (check calls it truncated) is
+/// refused before anything is written: the copy would otherwise stop at the
+/// missing data with the backing file half merged, and every re-run stop
+/// there again.
+#[test]
+fn commit_refuses_an_overlay_truncated_inside_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cow) = overlay(dir.path(), 1 << 20, 0);
+    let data_offset = ubd_info(&cow)["data_offset"].as_u64().unwrap();
+    // The first writes survive, the one near the end is cut off.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&cow)
+        .unwrap()
+        .set_len(data_offset + 600_000)
+        .unwrap();
+    assert_eq!(output(ubd().arg("check").arg(&cow)).status.code(), Some(2));
+    let before = fs::read(&base).unwrap();
+    let before_mtime = mtime(&base);
+    let out = output(ubd().arg("commit").arg(&cow));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(cow.to_str().unwrap())
+            && err.contains("truncated?")
+            && err.contains("unchanged"),
+        "{err}"
+    );
+    assert!(
+        fs::read(&base).unwrap() == before,
+        "the backing file was written"
+    );
+    assert_eq!(mtime(&base), before_mtime);
+    assert!(!dir.path().join("cow.img.commit").exists());
+    // Cut after the last sector's data instead: the commit goes through.
+    let size = 1 << 20;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&cow)
+        .unwrap()
+        .set_len(data_offset + size)
+        .unwrap();
+    run(ubd().arg("commit").arg(&cow));
+}

@@ -342,6 +342,31 @@ pub fn run(args: Args) -> Outcome {
     if got < bitmap.len() {
         return Err(format!("{}: the bitmap is cut short", args.file.display()).into());
     }
+    // A truncated overlay would stop the copy part way, with the backing
+    // file half merged for good: it must hold the data of every sector it
+    // claims (the last one may end with the backing file).
+    let g = &cow.geometry;
+    let last = Bitmap::new(&bitmap[..], g.mapped_sectors())
+        .runs(0..g.sectors)
+        .filter(|r| r.present)
+        .last();
+    let len = cow_file
+        .metadata()
+        .map_err(|e| format!("{}: cannot stat: {e}", args.file.display()))?
+        .len();
+    if let Some(run) = last {
+        let needed = g.data_offset + (run.end() * 512).min(cow.header.size);
+        if len < needed {
+            return Err(format!(
+                "{}: the file is {} bytes, but the data of sector {} it holds ends at byte {needed} \
+                 (truncated?); refusing to commit: the backing file is unchanged",
+                args.file.display(),
+                len,
+                run.end() - 1
+            )
+            .into());
+        }
+    }
     // A marker is the only record of a backing file half merged: one for
     // another commit is not overwritten.
     if resuming.is_none() && fs::symlink_metadata(&marker).is_ok() {
