@@ -356,6 +356,51 @@ fn check_catches_a_changed_backing_size() {
     );
 }
 
+/// A backing file this user cannot read: check says so (exit 3) and info
+/// does not call it a match, naming the file, instead of calling the pair
+/// clean while every verb that reads it fails. As root, ubd runs as nobody
+/// (setpriv), for whom the permissions bite.
+#[test]
+fn check_catches_a_backing_file_it_cannot_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |path: &Path, mode| fs::set_permissions(path, fs::Permissions::from_mode(mode));
+    mode(dir.path(), 0o755).unwrap();
+    let (base, cow) = fresh_pair(dir.path());
+    mode(&cow, 0o644).unwrap();
+    let as_user = |args: &[&str]| {
+        let mut cmd = if nix::unistd::geteuid().is_root() {
+            let mut cmd = Command::new(tool("setpriv", "util-linux"));
+            cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(common::ubd_bin());
+            cmd
+        } else {
+            ubd()
+        };
+        let out = output(cmd.args(args).arg(&cow));
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, line) = as_user(&["check"]);
+    assert_eq!(code, Some(0), "{line}");
+    mode(&base, 0o600).unwrap();
+    let (code, line) = as_user(&["check"]);
+    assert_eq!(code, Some(3), "{line}");
+    assert!(
+        line.contains(&format!(
+            "{}: cannot open: Permission denied",
+            base.display()
+        )),
+        "{line}"
+    );
+    let (code, json) = as_user(&["info", "--output", "json"]);
+    assert_eq!(code, Some(0), "{json}");
+    let j: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(j["backing_matches"], false, "{j}");
+}
+
 #[test]
 fn check_catches_a_truncated_overlay() {
     let dir = tempfile::tempdir().unwrap();

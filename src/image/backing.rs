@@ -286,7 +286,18 @@ pub fn examine(
     let dir = dir.map(canonical_dir).transpose()?;
     let (resolved, state) = match vet_in(overlay, named, dir.as_deref()) {
         Ok(resolved) => {
-            let state = BackingState::of(header, &resolved);
+            let mut state = BackingState::of(header, &resolved);
+            // A file that matches is no use if it cannot be read (no read
+            // permission): say so now, not when a reader opens it.
+            if state == BackingState::Matches {
+                match open_vetted(overlay, named, &resolved, dir.as_deref(), false, false) {
+                    Ok(_) => {}
+                    Err(e @ ImageError::Io { .. }) => {
+                        state = BackingState::Unreadable(crate::error_chain(&e));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             (Some(resolved), state)
         }
         Err(ImageError::Io { path, op, source }) => {
