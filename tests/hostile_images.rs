@@ -245,3 +245,94 @@ fn a_backing_path_without_its_nul_is_refused() {
     let words = "backing file path at offset 8 is not NUL-terminated within its 256-byte field";
     assert_refused(&v1, &v, [1, 2, 1], words);
 }
+
+/// Runs `ubd ARGS...`, which must exit within 10 s; kills it and fails
+/// otherwise. Returns its exit code and stderr.
+fn exits_at_once(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut cmd = ubd();
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let command = common::command_line(&cmd);
+    let mut child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command} still running after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .as_mut()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.code(), stderr)
+}
+
+/// A FIFO, a directory or a character device given as the image itself:
+/// every verb refuses it at once, naming it. A FIFO with no writer made the
+/// open block for ever (and convert, compare and commit, which catch
+/// SIGTERM, then ignored `timeout`); /dev/zero was read as an empty disk.
+#[test]
+fn an_image_that_is_a_fifo_directory_or_character_device_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = honest(dir.path());
+    let base = dir.path().join("base.img");
+    let fifo = dir.path().join("fifo");
+    run(Command::new("mkfifo").arg(&fifo));
+    let out = dir.path().join("out.img");
+    let new = dir.path().join("new.cow");
+    for (image, kind) in [
+        (fifo.as_path(), "FIFO"),
+        (dir.path(), "directory"),
+        (Path::new("/dev/zero"), "character device"),
+    ] {
+        let i = image.as_os_str();
+        let verbs: [&[&std::ffi::OsStr]; 9] = [
+            &["info".as_ref(), i],
+            &["check".as_ref(), i],
+            &["map".as_ref(), i],
+            &["bench".as_ref(), "--count".as_ref(), "1".as_ref(), i],
+            &["convert".as_ref(), "--force".as_ref(), i, out.as_os_str()],
+            &["compare".as_ref(), cow.as_os_str(), i],
+            &["commit".as_ref(), i],
+            &["rebase".as_ref(), "--backing".as_ref(), base.as_os_str(), i],
+            &[
+                "convert".as_ref(),
+                "--import".as_ref(),
+                i,
+                "--backing".as_ref(),
+                base.as_os_str(),
+                new.as_os_str(),
+            ],
+        ];
+        for args in verbs {
+            let (code, err) = exits_at_once(args);
+            let words = format!(
+                "{}: cannot open: it is a {kind}, not a regular file or block device",
+                image.display()
+            );
+            assert!(matches!(code, Some(1 | 2)), "{args:?}: {code:?} {err}");
+            assert!(err.contains(&words), "{args:?}: {err}");
+        }
+        let (code, err) = serve_refused(&dir.path().join("s.sock"), &[image]);
+        assert_eq!(code, Some(1), "{err}");
+        // Opened for writing, a directory fails the open itself (EISDIR).
+        assert!(
+            err.contains(&format!("{}: cannot open", image.display())),
+            "{err}"
+        );
+    }
+}

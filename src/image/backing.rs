@@ -59,7 +59,7 @@ fn shown(named: &Path, resolved: &Path) -> String {
 }
 
 /// What a file of this type is called in messages.
-fn kind_of(file_type: fs::FileType) -> &'static str {
+pub(super) fn kind_of(file_type: fs::FileType) -> &'static str {
     if file_type.is_block_device() {
         "block device"
     } else if file_type.is_char_device() {

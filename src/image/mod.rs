@@ -109,6 +109,39 @@ pub fn next_data(file: &File, at: u64, limit: u64) -> u64 {
     }
 }
 
+/// Opens the image file `path` (the overlay or raw image a verb was given),
+/// read-only or read-write, with O_DIRECT for `direct`, and refuses anything
+/// but a regular file or a block device: a FIFO would make the open hang (it
+/// is opened without blocking), and a directory, character device or socket
+/// holds no disk.
+pub(crate) fn open_image(path: &Path, write: bool, direct: bool) -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags)
+        .open(path)?;
+    let file_type = file.metadata()?.file_type();
+    if !file_type.is_file() && !file_type.is_block_device() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "it is a {}, not a regular file or block device",
+                backing::kind_of(file_type)
+            ),
+        ));
+    }
+    // io_uring would return EAGAIN instead of waiting on an O_NONBLOCK file.
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let status = OFlag::from_bits_retain(fcntl(&file, FcntlArg::F_GETFL)?) & !OFlag::O_NONBLOCK;
+    fcntl(&file, FcntlArg::F_SETFL(status))?;
+    Ok(file)
+}
+
 /// Reads into `buf` at `offset` until it is full or the file ends; returns the
 /// number of bytes read.
 pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -253,7 +286,7 @@ impl Image {
             op,
             source,
         };
-        let file = File::open(path).map_err(|e| io_err("cannot open", e))?;
+        let file = open_image(path, false, false).map_err(|e| io_err("cannot open", e))?;
         let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
         let mut buf = vec![0u8; MAX_HEADER_SIZE];
         let n =

@@ -12,8 +12,8 @@
 //! [`super::open_vetted`]: only a regular file is read, with a backing
 //! directory only one inside it, and the file opened is the one checked.
 
-use std::fs::{self, File};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,14 +89,7 @@ pub struct OpenImage {
 }
 
 fn open_file(path: &Path, write: bool, cache: Cache) -> Result<(File, bool), ImageError> {
-    let open = |direct: bool| {
-        let mut o = fs::OpenOptions::new();
-        o.read(true).write(write);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
-        o.open(path)
-    };
+    let open = |direct: bool| super::open_image(path, write, direct);
     let file = open(false).map_err(|source| ImageError::Io {
         path: path.to_path_buf(),
         op: "cannot open",
