@@ -336,3 +336,27 @@ fn an_image_that_is_a_fifo_directory_or_character_device_is_refused_at_once() {
         );
     }
 }
+
+/// An overlay that names itself (or a hard link to itself) as its backing
+/// file is refused, saying so, by every verb that would read it; before,
+/// the read-only verbs read the overlay's own header and bitmap as the disk,
+/// and serve and commit blamed "another process" for the lock it held itself.
+#[test]
+fn an_overlay_naming_itself_as_its_backing_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cow = honest(dir.path());
+    let link = dir.path().join("link.cow");
+    fs::hard_link(&cow, &link).unwrap();
+    for named in [&cow, &link] {
+        name_backing(&cow, named);
+        let words = format!("backing file {} is the overlay itself", named.display());
+        let v = verdicts(&cow);
+        assert_refused(&cow, &v, [1, 3, 1], &words);
+        for verb in ["map", "commit"] {
+            let out = output(ubd().arg(verb).arg(&cow));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{verb}: {err}");
+            assert!(err.contains(&words), "{verb}: {err}");
+        }
+    }
+}

@@ -37,6 +37,12 @@ pub enum Refusal {
         resolved: PathBuf,
         kind: &'static str,
     },
+    /// The overlay names itself (or a hard link to itself) as its backing file.
+    #[error(
+        "backing file {} is the overlay itself: refusing to read it",
+        shown(named, resolved)
+    )]
+    IsOverlay { named: PathBuf, resolved: PathBuf },
     /// The resolved path is not inside the backing directory.
     #[error(
         "backing file {} is outside the backing directory {} (--backing-dir): refusing to read it",
@@ -261,6 +267,14 @@ pub fn stamp(path: &Path) -> Result<Stamp, ImageError> {
     })
 }
 
+/// Whether `a` and `b` are one file (symlinks followed, hard links alike).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// The backing file an overlay names, what it resolves to, and how it
 /// compares with the header's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +300,15 @@ pub fn examine(
     let dir = dir.map(canonical_dir).transpose()?;
     let (resolved, state) = match vet_in(overlay, named, dir.as_deref()) {
         Ok(resolved) => {
+            if same_file(overlay, &resolved) {
+                return Err(ImageError::BackingRefused {
+                    overlay: overlay.to_path_buf(),
+                    refusal: Refusal::IsOverlay {
+                        named: named.to_path_buf(),
+                        resolved,
+                    },
+                });
+            }
             let mut state = BackingState::of(header, &resolved);
             // A file that matches is no use if it cannot be read (no read
             // permission): say so now, not when a reader opens it.
