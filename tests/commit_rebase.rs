@@ -609,3 +609,37 @@ fn commit_refuses_an_overlay_truncated_inside_its_data() {
         .unwrap();
     run(ubd().arg("commit").arg(&cow));
 }
+
+/// A FIFO where the commit marker goes (`COW.commit`) is not read: the
+/// commit is refused at once, naming it, with the backing file unchanged.
+/// Reading it blocked for ever, and commit, which catches SIGTERM, then
+/// ignored `timeout` too.
+#[test]
+fn commit_refuses_a_fifo_in_place_of_its_marker_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, cow) = overlay(dir.path(), 1 << 20, 0);
+    let marker = dir.path().join("cow.img.commit");
+    run(Command::new("mkfifo").arg(&marker));
+    let before = fs::read(&base).unwrap();
+    let mut child = spawn_commit(&cow);
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ubd commit still running after 10 s with a FIFO as its marker");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(marker.to_str().unwrap()), "{err}");
+    assert!(
+        fs::read(&base).unwrap() == before,
+        "the backing file was written"
+    );
+}

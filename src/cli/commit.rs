@@ -87,12 +87,30 @@ fn marker_text(backing: &Path, size: u64, left: Option<i64>) -> String {
     text
 }
 
+/// The text of the marker at `marker`, if it is a regular file: opened
+/// without blocking, so a FIFO put there cannot hang the commit.
+fn marker_contents(marker: &Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(marker)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
 /// What the marker of a commit into `backing` of `size` bytes says: `None`
 /// if there is none for it; `Some(None)` if the commit stopped without
 /// saying where (a crash); `Some(Some(mtime))` if it stopped on an interrupt
 /// or an error and left the backing file with that mtime.
 fn read_marker(marker: &Path, backing: &Path, size: u64) -> Option<Option<i64>> {
-    let text = fs::read_to_string(marker).ok()?;
+    let text = marker_contents(marker)?;
     let rest = text.strip_prefix(&marker_text(backing, size, None))?;
     if rest.is_empty() {
         return Some(None);
@@ -370,7 +388,7 @@ pub fn run(args: Args) -> Outcome {
     // A marker is the only record of a backing file half merged: one for
     // another commit is not overwritten.
     if resuming.is_none() && fs::symlink_metadata(&marker).is_ok() {
-        let text = fs::read_to_string(&marker).unwrap_or_default();
+        let text = marker_contents(&marker).unwrap_or_default();
         let other = text
             .lines()
             .find_map(|l| l.strip_prefix("backing: "))
