@@ -181,6 +181,13 @@ fn commit_reset_and_discard() {
     assert_eq!(j["sectors_present"], 0);
     assert_eq!(j["backing_matches"], true);
     run(ubd().arg("check").arg(&cow));
+    // Committing the empty overlay writes nothing: the pair stays usable,
+    // and the report says so rather than calling the overlay stale.
+    let j: serde_json::Value =
+        serde_json::from_str(&run(ubd().args(["commit", "--output", "json"]).arg(&cow))).unwrap();
+    assert_eq!(j["sectors_committed"], 0, "{j}");
+    assert_eq!(j["overlay"], "unchanged", "{j}");
+    run(ubd().arg("check").arg(&cow));
     // Write again, then commit and delete the overlay.
     let dev = Device::open(&cow, &DeviceOptions::default()).unwrap();
     dev.write_at(4096, &[7u8; 4096], Flags::default()).unwrap();

@@ -457,11 +457,12 @@ pub fn run(args: Args) -> Outcome {
     } else if args.reset {
         image::create_overlay(&args.file, &backing, true)?;
         "reset"
-    } else if same_file(&cow.header.backing_file, &backing) {
+    } else if sectors > 0 && same_file(&cow.header.backing_file, &backing) {
         "stale"
     } else {
-        // Committed into another file (--backing): the overlay's own backing
-        // file is untouched, and the pair still works.
+        // Nothing to write (the backing file keeps its mtime), or committed
+        // into another file (--backing): the overlay's own backing file is
+        // untouched, and the pair still works.
         "unchanged"
     };
     let report = Report {
