@@ -426,32 +426,7 @@ fn a_truncated_overlay_fails_reads_of_what_it_lost() {
     // The three failed reads are each logged, or counted: in the note of a
     // later line, or in a count of their own once their second is over,
     // while the server sits idle.
-    let accounted = |log: &str| -> u64 {
-        let counted = |marker: &str| -> u64 {
-            log.lines()
-                .filter_map(|l| {
-                    let head = &l[..l.find(marker)?];
-                    head.rsplit(['(', ' ']).next()?.parse::<u64>().ok()
-                })
-                .sum()
-        };
-        log.matches("(truncated?)").count() as u64
-            + counted(" more failures not logged")
-            + counted(" more reads of a truncated file were not logged")
-    };
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = fs::read_to_string(&log).unwrap_or_default();
-        if accounted(&text) == 3 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(
-        accounted(&text),
-        3,
-        "10 s after the failures, the log does not account for each:\n{text}"
-    );
+    log_accounting_for(&log, 3);
     let (status, stderr) = server.stop();
     assert!(status.success(), "ubd serve: {status}\n{stderr}");
     let text = fs::read_to_string(&log).unwrap();
@@ -476,4 +451,79 @@ fn a_truncated_overlay_fails_reads_of_what_it_lost() {
         );
     }
     assert!(!out_img.exists(), "convert left a partial image");
+}
+
+/// Failed reads of a truncated file the server's log accounts for: each
+/// logged on its own line, or counted in the note of a later line, or in a
+/// count of its own.
+fn accounted(log: &str) -> u64 {
+    let counted = |marker: &str| -> u64 {
+        log.lines()
+            .filter_map(|l| {
+                let head = &l[..l.find(marker)?];
+                head.rsplit(['(', ' ']).next()?.parse::<u64>().ok()
+            })
+            .sum()
+    };
+    log.matches("(truncated?)").count() as u64
+        + counted(" more failures not logged")
+        + counted(" more reads of a truncated file were not logged")
+}
+
+/// The log at `path` once it accounts for `n` failed reads; fails the test
+/// when 10 s pass without that (the counts go out while the server idles).
+fn log_accounting_for(path: &Path, n: u64) -> String {
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = fs::read_to_string(path).unwrap_or_default();
+        if accounted(&text) == n {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("10 s after {n} failures, the log does not account for each:\n{text}");
+}
+
+/// A backing file cut short while it is served: reads past its new end fail
+/// with EIO, and every line of the log about them names the backing file,
+/// the count of lines left out included (it named the overlay).
+#[test]
+fn a_backing_file_cut_short_while_served_is_named_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
+    let cow = dir.path().join("vm.cow");
+    create_overlay(&cow, &base, false).unwrap();
+    let socket = dir.path().join("nbd.sock");
+    let log = dir.path().join("serve.log");
+    let server = Server::start(
+        &socket,
+        &[cow.as_os_str(), "--log-file".as_ref(), log.as_os_str()],
+    );
+    steps(&socket, &[(r(2 * M, 4096, 5), "ok")]);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_len(M)
+        .unwrap();
+    let reads: Vec<_> = (0..5)
+        .map(|i| (r(2 * M + i * 8192, 4096, 5), "err EIO"))
+        .collect();
+    steps(&socket, &reads);
+    let text = log_accounting_for(&log, 5);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "ubd serve: {status}\n{stderr}");
+    let (base, cow) = (base.to_str().unwrap(), cow.to_str().unwrap());
+    let lines: Vec<_> = text.lines().filter(|l| l.contains("truncated")).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("were not logged")),
+        "no count of lines left out:\n{text}"
+    );
+    for line in lines {
+        assert!(
+            line.contains(base) && !line.contains(cow),
+            "a line about the backing file names another:\n{line}"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use super::log_every::LogEvery;
 use super::worker::{
     FILE_BACKING, FILE_MAIN, Origin, P_BITMAP, P_COPY, P_DATA, P_FILL, P_PAYLOAD, P_PREALLOC,
-    P_RECV, P_SEND, P_SYNC_DATA, P_SYNC_META, SECTOR, Worker,
+    P_RECV, P_SEND, P_SYNC_DATA, P_SYNC_META, SECTOR, Worker, log_slot,
 };
 use super::{Command, Reply, Request};
 use crate::engine::bufset::DevBuf;
@@ -205,7 +205,7 @@ impl Worker {
         let done = match c.result {
             Ok(done) => done,
             Err(e) => {
-                if let Some(quiet) = self.fail_log.allow() {
+                if let Some(quiet) = self.fail_log[log_slot(op.file)].allow() {
                     tracing::warn!(
                         "{}: {:?} of {} bytes at offset {} failed: {}{}",
                         path(),
@@ -231,7 +231,7 @@ impl Worker {
         if op.offset + done >= file_len {
             return Ok(());
         }
-        if let Some(quiet) = self.truncated_log.allow() {
+        if let Some(quiet) = self.truncated_log[log_slot(op.file)].allow() {
             tracing::error!(
                 "{}: read of {} bytes at offset {} ended after {} bytes: the file is \
                  shorter than the data it should hold (truncated?){}",

@@ -12,7 +12,7 @@ use std::os::fd::AsFd;
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 
-use super::worker::{SECTOR, Worker};
+use super::worker::{FILE_MAIN, SECTOR, Worker, log_slot};
 use super::{Extent, Reply};
 
 impl Worker {
@@ -55,7 +55,7 @@ impl Worker {
                     None => *overlay_len.insert(nix::sys::stat::fstat(&*self.main)?.st_size as u64),
                 };
                 if (base + run_end).min(cow.data_end()) > len {
-                    if let Some(quiet) = self.truncated_log.allow() {
+                    if let Some(quiet) = self.truncated_log[log_slot(FILE_MAIN)].allow() {
                         tracing::error!(
                             "{}: bytes {}..{} are marked written but the file ends at {} \
                              (truncated?){}",

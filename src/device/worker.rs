@@ -74,6 +74,13 @@ pub(super) const FILL_MAX_WRITE: u64 = 64 * 1024;
 /// Bytes of the overlay allocated at once, ahead of first writes.
 pub(super) const PREALLOC: u64 = 1 << 20;
 
+/// Which of a per-file log pair (`fail_log`, `truncated_log`) an op on
+/// `file` counts in: 1 for the backing file, 0 for the main file (its data
+/// or its metadata).
+pub(super) fn log_slot(file: usize) -> usize {
+    usize::from(file == FILE_BACKING)
+}
+
 pub(super) fn tag(purpose: u64, slot: u32) -> u64 {
     (purpose << 32) | u64::from(slot)
 }
@@ -120,11 +127,12 @@ pub struct Worker {
     pub(super) main_len: u64,
     /// The files' paths, by file index, for error messages.
     pub(super) paths: Vec<std::path::PathBuf>,
-    /// Failed ops, and reads a truncated overlay cannot answer, are each
+    /// Failed ops, and reads a truncated file cannot answer, are each
     /// logged at most once a second (a client can repeat a failing request
-    /// as fast as it likes).
-    pub(super) fail_log: LogEvery,
-    pub(super) truncated_log: LogEvery,
+    /// as fast as it likes), counted apart for the main file and the
+    /// backing file ([`log_slot`]), so each count names its file.
+    pub(super) fail_log: [LogEvery; 2],
+    pub(super) truncated_log: [LogEvery; 2],
     /// The main file takes direct I/O.
     pub(super) main_direct: bool,
     pub(super) cow: Option<Cow>,
@@ -317,8 +325,8 @@ impl Worker {
             main: img.main.file,
             main_len: img.main.len,
             paths,
-            fail_log: LogEvery::default(),
-            truncated_log: LogEvery::default(),
+            fail_log: Default::default(),
+            truncated_log: Default::default(),
             main_direct: img.main.direct,
             cow,
             capacity: img.capacity,
@@ -446,7 +454,11 @@ impl Worker {
             let short = self.line.head().is_some();
             // Lines left out of the log: their count goes out when their
             // second is over, even if nothing else happens by then.
-            let left_out = self.fail_log.left_out() || self.truncated_log.left_out();
+            let left_out = self
+                .fail_log
+                .iter()
+                .chain(&self.truncated_log)
+                .any(LogEvery::left_out);
             self.ring
                 .set_wait_limit((short || left_out).then_some(super::conn::STALL_CHECK));
             let woken = self.ring.run(wait, &mut |c| done.push(c));
@@ -491,12 +503,12 @@ impl Worker {
             (&self.fail_log, "failed I/O operations"),
             (&self.truncated_log, "reads of a truncated file"),
         ];
-        for (log, what) in logs {
-            if let Some(n) = log.overdue_at(now) {
-                tracing::warn!(
-                    "{}: {n} more {what} were not logged",
-                    self.main_path().display()
-                );
+        for (per_file, what) in logs {
+            for (file, log) in [FILE_MAIN, FILE_BACKING].into_iter().zip(per_file) {
+                if let Some(n) = log.overdue_at(now) {
+                    let path = self.paths.get(file).unwrap_or(&self.paths[FILE_MAIN]);
+                    tracing::warn!("{}: {n} more {what} were not logged", path.display());
+                }
             }
         }
     }
