@@ -235,6 +235,22 @@ fn demo_refuses_a_directory_that_is_not_a_demo() {
     assert!(!dir.join("base.img").exists());
 }
 
+/// A demo stopped while it built its base (Ctrl-C during mkfs) leaves its
+/// staging directory and half a file system behind; the next run builds
+/// them again instead of refusing the directory as not a demo.
+#[test]
+fn demo_builds_again_after_an_interrupted_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join(".ubd-demo-content/data")).unwrap();
+    std::fs::write(dir.join(".ubd-demo-content/hello.txt"), "half\n").unwrap();
+    std::fs::write(dir.join("base.img.ubd-demo-tmp"), vec![0u8; 4096]).unwrap();
+    demo_until_served(dir);
+    assert!(dir.join("base.img").exists());
+    assert!(!dir.join(".ubd-demo-content").exists());
+    assert!(!dir.join("base.img.ubd-demo-tmp").exists());
+}
+
 /// Runs `ubd demo --dir DIR` until it serves, then stops it with SIGINT;
 /// panics if it exits first.
 fn demo_until_served(dir: &std::path::Path) {

@@ -13,9 +13,11 @@ use super::serve::{Plan, serve};
 ///
 /// Makes DIR/base.img (a 64 MiB ext4 file system, read-only, built with
 /// mkfs.ext4 -d) and DIR/demo.cow (an empty UML COW overlay over it) unless
-/// they exist (a DIR without base.img must be new or empty), then serves the
-/// overlay on DIR/nbd.sock and prints commands to try. Writes land in the overlay; the base image never changes. Ctrl-C
-/// stops the server; --fresh starts again from an empty overlay.
+/// they exist (a DIR without base.img must be new or empty, but for what an
+/// interrupted demo left), then serves the overlay on DIR/nbd.sock and
+/// prints commands to try. Writes land in the overlay; the base image never
+/// changes. Ctrl-C stops the server; --fresh starts again from an empty
+/// overlay.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -30,6 +32,12 @@ pub struct Args {
 /// Size of the demo file system.
 const BASE_SIZE: &str = "64M";
 
+/// The staging directory and the file system being built, in DIR while the
+/// demo builds its base: names no one else's files have.
+const STAGING: &str = ".ubd-demo-content";
+const BASE_TMP: &str = "base.img.ubd-demo-tmp";
+const BUILD_LEFTOVERS: [&str; 2] = [STAGING, BASE_TMP];
+
 pub fn run(args: Args) -> Outcome {
     std::fs::create_dir_all(&args.dir)
         .map_err(|e| format!("{}: cannot create the directory: {e}", args.dir.display()))?;
@@ -43,10 +51,16 @@ pub fn run(args: Args) -> Outcome {
     if !base.exists() {
         // The demo makes its files (and its staging directory) only where
         // nothing of anyone else's can be in the way.
+        // What a demo stopped while it built its base leaves (it builds
+        // them again) does not count.
         let empty = std::fs::read_dir(&dir)
             .map_err(|e| format!("{}: cannot read the directory: {e}", dir.display()))?
-            .next()
-            .is_none();
+            .filter_map(Result::ok)
+            .all(|entry| {
+                BUILD_LEFTOVERS
+                    .iter()
+                    .any(|name| entry.file_name() == *name)
+            });
         if !empty {
             return Err(format!(
                 "{}: not empty, and not a demo directory (it has no base.img); \
@@ -148,7 +162,7 @@ fn make_base(dir: &Path, base: &Path) -> Result<(), Box<dyn std::error::Error>> 
         .find(|p| p.exists())
         .or_else(|| find_in_path("mkfs.ext4"))
         .ok_or("the demo needs mkfs.ext4 (Debian package e2fsprogs)")?;
-    let staging = dir.join("content");
+    let staging = dir.join(STAGING);
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(staging.join("data"))?;
     std::fs::write(
@@ -175,7 +189,7 @@ fn make_base(dir: &Path, base: &Path) -> Result<(), Box<dyn std::error::Error>> 
         })
         .collect();
     std::fs::write(staging.join("data/noise.bin"), noise)?;
-    let tmp = base.with_extension("img.tmp");
+    let tmp = dir.join(BASE_TMP);
     let out = Command::new(&mkfs)
         .args(["-q", "-F", "-L", "ubd-demo", "-d"])
         .arg(&staging)
