@@ -143,6 +143,16 @@ fn op(kind: &str, offset: u64, len: u64, seed: u64) -> String {
     format!("{kind}:{offset}:{len}:{seed}")
 }
 
+/// `DIR/base.img` (pattern 5, `BASE_LEN` bytes) and an empty overlay over
+/// it, `DIR/vm.cow`.
+fn base_and_overlay(dir: &Path) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.img");
+    let cow = dir.join("vm.cow");
+    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
+    create_overlay(&cow, &base, false).unwrap();
+    (base, cow)
+}
+
 fn w(offset: u64, len: u64, seed: u64) -> String {
     op("w", offset, len, seed)
 }
@@ -258,10 +268,7 @@ fn eio_from_below_fails_only_the_requests_that_met_it() {
 #[test]
 fn a_failed_sync_through_the_page_cache_fails_every_later_flush() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.img");
-    let cow = dir.path().join("vm.cow");
-    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
-    create_overlay(&cow, &base, false).unwrap();
+    let (_, cow) = base_and_overlay(dir.path());
     let (faults, device) = faulty_device(&cow, Cache::Writeback);
     let server = InProcess::start(dir.path(), device.clone());
     let sock = server.socket.clone();
@@ -381,10 +388,7 @@ fn enospc_on_a_full_file_system_fails_the_write_and_keeps_the_rest() {
 #[test]
 fn a_truncated_overlay_fails_reads_of_what_it_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.img");
-    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
-    let cow = dir.path().join("vm.cow");
-    create_overlay(&cow, &base, false).unwrap();
+    let (_, cow) = base_and_overlay(dir.path());
     let socket = dir.path().join("nbd.sock");
     let server = Server::start(&socket, &[cow.as_os_str()]);
     steps(
@@ -490,10 +494,7 @@ fn log_accounting_for(path: &Path, n: u64) -> String {
 #[test]
 fn a_backing_file_cut_short_while_served_is_named_in_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.img");
-    fs::write(&base, pattern(5, 0, BASE_LEN)).unwrap();
-    let cow = dir.path().join("vm.cow");
-    create_overlay(&cow, &base, false).unwrap();
+    let (base, cow) = base_and_overlay(dir.path());
     let socket = dir.path().join("nbd.sock");
     let log = dir.path().join("serve.log");
     let server = Server::start(
