@@ -268,14 +268,6 @@ fn copy_runs(cow: &CowImage, cow_file: Arc<File>, backing: Arc<File>, bitmap: &[
     }
 }
 
-/// Whether two paths name the same file (symlinks followed).
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
-}
-
 pub fn run(args: Args) -> Outcome {
     catch_interrupts();
     let cow = match Image::probe(&args.file)? {
@@ -457,7 +449,7 @@ pub fn run(args: Args) -> Outcome {
     } else if args.reset {
         image::create_overlay(&args.file, &backing, true)?;
         "reset"
-    } else if sectors > 0 && same_file(&cow.header.backing_file, &backing) {
+    } else if sectors > 0 && image::same_file(&cow.header.backing_file, &backing) {
         "stale"
     } else {
         // Nothing to write (the backing file keeps its mtime), or committed

@@ -267,8 +267,9 @@ pub fn stamp(path: &Path) -> Result<Stamp, ImageError> {
     })
 }
 
-/// Whether `a` and `b` are one file (symlinks followed, hard links alike).
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether `a` and `b` are one file (symlinks followed, hard links alike;
+/// false when either cannot be looked at).
+pub fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::metadata(a), fs::metadata(b)) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,

@@ -14,14 +14,15 @@ pub mod qcow2;
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use thiserror::Error;
 use ubd_cow::{Bitmap, CowError, Geometry, Header, MAX_HEADER_SIZE};
 
 pub use backing::{
-    BackingState, Examined, Refusal, Stamp, examine, open_vetted, resolve, stamp, vet,
+    BackingState, Examined, Refusal, Stamp, examine, open_vetted, resolve, same_file, stamp, vet,
 };
 pub use create::{create_overlay, create_raw};
 pub use lock::{LockKind, lock};
@@ -115,7 +116,6 @@ pub fn next_data(file: &File, at: u64, limit: u64) -> u64 {
 /// is opened without blocking), and a directory, character device or socket
 /// holds no disk.
 pub(crate) fn open_image(path: &Path, write: bool, direct: bool) -> io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
     if direct {
         flags |= libc::O_DIRECT;
@@ -136,7 +136,6 @@ pub(crate) fn open_image(path: &Path, write: bool, direct: bool) -> io::Result<F
         ));
     }
     // io_uring would return EAGAIN instead of waiting on an O_NONBLOCK file.
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
     let status = OFlag::from_bits_retain(fcntl(&file, FcntlArg::F_GETFL)?) & !OFlag::O_NONBLOCK;
     fcntl(&file, FcntlArg::F_SETFL(status))?;
     Ok(file)

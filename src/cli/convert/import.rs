@@ -2,14 +2,14 @@
 //! holding only the sectors where RAW differs from it, written through the
 //! block device and flushed before success is reported.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::Path;
 
 use serde::Serialize;
 use ubd::device::{Device, DeviceOptions, Flags};
 use ubd::image::{self, Image, ImageError};
 
-use super::{INTERRUPTED, PIECE, SECTOR, device_err, discard, io_err, same_file};
+use super::{INTERRUPTED, PIECE, SECTOR, device_err, discard, io_err};
 use crate::cli::progress::{Progress, catch_interrupts, interrupted};
 use crate::cli::units::format_size;
 use crate::cli::{Outcome, Output};
@@ -66,9 +66,7 @@ pub(super) fn import(
         )
         .into());
     }
-    if let Ok(meta) = fs::metadata(cow)
-        && same_file(&meta, raw)
-    {
+    if image::same_file(cow, raw) {
         return Err(format!(
             "refusing to create {} over itself: it is the image to import, {}",
             cow.display(),
