@@ -629,18 +629,11 @@ fn commit_refuses_a_fifo_in_place_of_its_marker_without_hanging() {
     run(Command::new("mkfifo").arg(&marker));
     let before = fs::read(&base).unwrap();
     let mut child = spawn_commit(&cow);
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ubd commit still running after 10 s with a FIFO as its marker");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::waited(
+        &mut child,
+        "ubd commit with a FIFO as its marker",
+        Duration::from_secs(10),
+    );
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(status.code(), Some(1), "{err}");

@@ -201,18 +201,11 @@ fn demo_refuses_a_directory_that_is_not_a_demo() {
     std::fs::write(dir.join("base.img.tmp"), "mine\n").unwrap();
     std::fs::write(dir.join("demo.cow"), "also mine\n").unwrap();
     let mut child = start_demo(dir, Stdio::piped());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ubd demo did not refuse a directory that is not a demo");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::waited(
+        &mut child,
+        "ubd demo in a directory that is not a demo",
+        Duration::from_secs(30),
+    );
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(status.code(), Some(1), "{stderr}");

@@ -251,7 +251,7 @@ fn a_backing_path_without_its_nul_is_refused() {
 fn exits_at_once(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     use std::io::Read;
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let mut cmd = ubd();
     cmd.args(args)
         .stdin(Stdio::null())
@@ -259,18 +259,7 @@ fn exits_at_once(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
         .stderr(Stdio::piped());
     let command = common::command_line(&cmd);
     let mut child = cmd.spawn().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command} still running after 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = common::waited(&mut child, &command, Duration::from_secs(10));
     let mut stderr = String::new();
     child
         .stderr

@@ -25,7 +25,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::server::{Server, signal};
@@ -337,21 +337,6 @@ fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
             &got[at..end],
             &want[at..end]
         );
-    }
-}
-
-fn waited(child: &mut Child, what: &str, limit: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -1398,7 +1383,7 @@ fn signal_with_a_client_connected(signal_name: &str, pat: u8, off: u64) {
         "ubd serve left its socket behind after SIG{signal_name}"
     );
     drop(client.stdin.take());
-    waited(&mut client, "the python3 client", Duration::from_secs(60));
+    common::waited(&mut client, "the python3 client", Duration::from_secs(60));
 
     let got = merged(&f.overlay, &f.path("merged.raw"));
     let mut want = f.base_data.clone();
@@ -1794,7 +1779,7 @@ fn socket_activation_serves_the_inherited_socket() {
     );
 
     signal(server.id(), "TERM");
-    let status = waited(&mut server, "the activated server", Duration::from_secs(60));
+    let status = common::waited(&mut server, "the activated server", Duration::from_secs(60));
     let mut err = String::new();
     let _ = server.stderr.as_mut().unwrap().read_to_string(&mut err);
     assert!(
@@ -1922,7 +1907,7 @@ fn a_flush_on_one_connection_covers_another_connections_writes_across_sigkill() 
     // No clean shutdown: whatever was not flushed may be lost.
     server.kill();
     drop(client.stdin.take());
-    waited(&mut client, "the python3 client", Duration::from_secs(60));
+    common::waited(&mut client, "the python3 client", Duration::from_secs(60));
 
     assert_clean(&f.overlay);
     let got = merged(&f.overlay, &f.path("merged.raw"));
@@ -2218,7 +2203,7 @@ fn sigterm_under_fio_load_exits_0_and_leaves_a_clean_overlay() {
         !socket.exists(),
         "the socket is left after SIGTERM under load"
     );
-    waited(
+    common::waited(
         &mut load,
         "fio after the server stopped",
         Duration::from_secs(120),

@@ -20,7 +20,8 @@ pub mod uml;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `ubd` binary built by cargo for this test run.
 pub fn ubd_bin() -> PathBuf {
@@ -194,4 +195,21 @@ pub fn hold_posix_lock(path: &Path) -> std::process::Child {
         "the lock holder did not take the lock"
     );
     holder
+}
+
+/// Waits for `child` to exit, up to `limit`; past it, kills and reaps it and
+/// fails the test, naming it `what`.
+pub fn waited(child: &mut Child, what: &str, limit: Duration) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

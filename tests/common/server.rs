@@ -122,19 +122,8 @@ impl Server {
 
     /// Waits for the server to exit on its own (up to `limit`).
     pub fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let start = Instant::now();
         let child = self.child.as_mut().expect("server running");
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status;
-            }
-            if start.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{} did not exit within {limit:?}", self.command);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::waited(child, &self.command, limit)
     }
 
     /// Kills the server with SIGKILL and reaps it.
