@@ -196,6 +196,11 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
         "the connection's end was told while the device still held its protocol"
     );
     dev.close().unwrap();
+    assert_eq!(
+        dev.failure(),
+        None,
+        "a device closed in order counts as failed"
+    );
 }
 
 /// The same when the worker fails: every connection's protocol is gone
@@ -206,6 +211,8 @@ fn a_connections_protocol_is_gone_when_its_end_is_heard() {
 fn a_failing_worker_lets_go_of_each_protocol_before_its_end_is_heard() {
     let dir = tempfile::tempdir().unwrap();
     let dev = raw_device(&dir);
+    let (told, heard) = std::sync::mpsc::channel();
+    dev.on_failure(Box::new(move || told.send(()).unwrap()));
     let held = Arc::new(());
     let (ours, _theirs) = UnixStream::pair().unwrap();
     let waiting = dev.serve(OwnedFd::from(ours), Vec::new(), slow_to_drop(&held, true));
@@ -225,6 +232,11 @@ fn a_failing_worker_lets_go_of_each_protocol_before_its_end_is_heard() {
         "a connection's end was told while the failing device still held its protocol"
     );
     assert!(matches!(failing.wait(), ConnEnd::Broken(_)));
+    // A panic counts as a failure: those who asked hear of it.
+    heard
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the failure hook did not run");
+    assert_eq!(dev.failure().as_deref(), Some("its worker thread panicked"));
     assert!(
         dev.close().is_err(),
         "the worker's failure was not reported"

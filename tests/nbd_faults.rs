@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use ubd::device::{Device, DeviceOptions, Fault, Faults, OpClass, Role};
@@ -65,7 +66,7 @@ fn expect(socket: &Path, steps: &[(&str, &str)]) {
 /// A server run in this process, so the test can reach its device.
 struct InProcess {
     stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), server::ServerError>>>,
     socket: PathBuf,
 }
 
@@ -82,7 +83,6 @@ impl InProcess {
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             server::run(&exports, &[listener], &s, 16, server::HANDSHAKE_LIMIT, None)
-                .expect("the server failed");
         });
         InProcess {
             stop,
@@ -94,8 +94,21 @@ impl InProcess {
     fn stop(mut self) {
         self.stop.write(1).unwrap();
         if let Some(t) = self.thread.take() {
-            t.join().expect("the server thread panicked");
+            t.join()
+                .expect("the server thread panicked")
+                .expect("the server failed");
         }
+    }
+
+    /// What the server returned, once it stopped by itself (within 20 s).
+    fn stopped_by_itself(mut self) -> Result<(), server::ServerError> {
+        let t = self.thread.take().expect("the server was stopped");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "the server is still running");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.join().expect("the server thread panicked")
     }
 }
 
@@ -527,4 +540,54 @@ fn a_backing_file_cut_short_while_served_is_named_in_the_log() {
             "a line about the backing file names another:\n{line}"
         );
     }
+}
+
+/// A device whose worker fails (here its ring, as a failed `io_uring_enter`
+/// would) serves nothing more: the server stops, as on a signal, and says
+/// which file failed, so that whoever runs it hears of it rather than
+/// clients being turned away one by one. What was flushed before is kept.
+#[test]
+fn a_failed_device_stops_the_server_with_an_error_naming_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_base, cow) = base_and_overlay(dir.path());
+    let (faults, device) = faulty_device(&cow, Cache::None);
+    let server = InProcess::start(dir.path(), device.clone());
+    let sock = server.socket.clone();
+    steps(
+        &sock,
+        &[
+            (w(M, 8192, 21), "ok"),
+            ("f".into(), "ok"),
+            (r(M, 8192, 21), "ok"),
+        ],
+    );
+    assert_eq!(device.failure(), None);
+
+    faults.fail_ring(libc::ENOMEM);
+    // The worker sleeps in the ring; a wake-up makes it run it again.
+    device.kick();
+    let err = server
+        .stopped_by_itself()
+        .expect_err("the server went on after its device failed");
+    let why = device
+        .failure()
+        .expect("the device does not know it failed");
+    assert!(why.contains("Out of memory"), "{why}");
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, server::ServerError::DeviceFailed { failed } if *failed == [(cow.display().to_string(), why.clone())]),
+        "{msg}"
+    );
+    assert!(
+        msg.starts_with(&format!("{}: the device failed: {why}", cow.display())),
+        "{msg}"
+    );
+    assert!(!sock.exists(), "the socket file is still there");
+    // A hook asked for after the failure runs at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    device.on_failure(Box::new(move || tx.send(()).unwrap()));
+    rx.try_recv().expect("a late hook did not run");
+    assert!(device.close().is_err(), "closing a failed device succeeded");
+    drop(device);
+    assert_eq!(read_device(&cow, M, 8192), pattern(21, M, 8192));
 }

@@ -29,7 +29,9 @@ const NBD_PORT: u16 = 10809;
 ///
 /// SIGTERM or SIGINT: finish what clients started, flush, remove the socket
 /// file and exit 0. A second server on the same overlay fails at once (the
-/// overlay is locked while served).
+/// overlay is locked while served). If an export's device fails while
+/// served (the host's io_uring fails under it), the server stops in the same
+/// way and exits 1, naming the file, so a supervisor can restart it.
 ///
 /// TLS (--tls-certificates DIR): clients upgrade with STARTTLS, and must
 /// unless --tls on. DIR holds server-cert.pem and server-key.pem (and

@@ -20,6 +20,7 @@
 //! request is sector-aligned in memory.
 
 mod conn;
+mod failure;
 mod flush;
 mod intake;
 mod locks;
@@ -228,6 +229,7 @@ pub struct Device {
     closing: Arc<AtomicBool>,
     stop_conns: Arc<AtomicBool>,
     worker: Mutex<Option<JoinHandle<Result<(), Errno>>>>,
+    failure: Arc<failure::FailureWatch>,
     path: PathBuf,
     backing: Option<PathBuf>,
 }
@@ -275,6 +277,7 @@ impl Device {
         let stop_conns = Arc::new(AtomicBool::new(false));
         let seq = Arc::new(Sequencer::new());
         let (tx, rx) = std::sync::mpsc::channel();
+        let failure = Arc::new(failure::FailureWatch::default());
         let spawn = {
             let setup = worker::Setup {
                 pool: pool.clone(),
@@ -292,6 +295,7 @@ impl Device {
                 faults: opts.faults.clone(),
             };
             let path = path.to_path_buf();
+            let (failure, closing) = (failure.clone(), closing.clone());
             std::thread::Builder::new()
                 .name("ubd-device".into())
                 .spawn(move || {
@@ -300,7 +304,19 @@ impl Device {
                     match worker {
                         Ok(w) => {
                             let _ = tx.send(Ok(w.waker()));
-                            w.run()
+                            // Fires on a panic too; the worker, dropped
+                            // first, has ended every request and connection.
+                            let mut guard = failure::FailGuard {
+                                watch: &failure,
+                                failed: None,
+                            };
+                            let result = w.run();
+                            if let Err(e) = result
+                                && !closing.load(Ordering::SeqCst)
+                            {
+                                guard.failed = Some(format!("io_uring failed: {}", e.desc()));
+                            }
+                            result
                         }
                         Err(source) => {
                             let _ = tx.send(Err(DeviceError::Ring { path, source }));
@@ -332,9 +348,15 @@ impl Device {
             closing,
             stop_conns,
             worker: Mutex::new(Some(handle)),
+            failure,
             path: path.to_path_buf(),
             backing,
         })
+    }
+
+    /// The overlay (or raw image) the device was opened on.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The backing file reads go to, fully resolved (symlinks and `..`);
@@ -426,6 +448,19 @@ impl Device {
     pub fn stop_connections(&self) {
         self.stop_conns.store(true, Ordering::SeqCst);
         self.waker.wake();
+    }
+
+    /// Runs `hook` (once, on the worker's thread, so it must not block)
+    /// when the device's worker fails while the device is open: the host's
+    /// io_uring failed under it, or it panicked. At once if it has failed.
+    /// The device then ends every request with an error and serves nothing.
+    pub fn on_failure(&self, hook: Box<dyn FnOnce() + Send>) {
+        self.failure.on_failure(hook);
+    }
+
+    /// Why the device's worker failed while the device was open, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.failure()
     }
 
     /// Hands `req` to the device; `sink` hears its end. Requests enter in

@@ -1,7 +1,8 @@
 //! Test engines beneath the device: a recorder of every write and sync the
 //! ring issues (in the spirit of dm-log-writes and CrashMonkey), from which a
 //! test builds the states a power cut could leave; and a fault injector that
-//! makes chosen ops fail with a chosen errno (EIO from a disk, say).
+//! makes chosen ops fail with a chosen errno (EIO from a disk, say), or the
+//! ring itself fail as a failed `io_uring_enter` would.
 //!
 //! Both see ops by the *role* of their file, which the ring's owner sets
 //! ([`Role`]): the device's overlay is opened twice (data, and bitmap), and a
@@ -116,6 +117,8 @@ pub struct Faults {
     rules: Mutex<Vec<Fault>>,
     /// Ops failed so far.
     hits: Mutex<u64>,
+    /// The errno the ring's next run fails with, once.
+    ring: Mutex<Option<i32>>,
 }
 
 impl Faults {
@@ -135,6 +138,21 @@ impl Faults {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+    }
+
+    /// Makes the ring's next run fail with `errno`, as a failed
+    /// `io_uring_enter` does: the ring's owner can then make no progress.
+    pub fn fail_ring(&self, errno: i32) {
+        *self.ring.lock().unwrap_or_else(PoisonError::into_inner) = Some(errno);
+    }
+
+    /// The errno the ring fails with now, if [`Faults::fail_ring`] asked
+    /// for it since the last call.
+    pub(super) fn ring_failure(&self) -> Option<i32> {
+        self.ring
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// Ops failed by a fault so far.

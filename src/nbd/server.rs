@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::eventfd::EventFd;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{
     AddressFamily, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt, sockopt,
 };
@@ -68,6 +68,17 @@ pub enum ServerError {
     Activation(String),
     #[error("waiting for connections")]
     Poll(#[source] io::Error),
+    /// Each failed export's file, and why it failed.
+    #[error("{}; the server stopped", device_failures(failed))]
+    DeviceFailed { failed: Vec<(String, String)> },
+}
+
+fn device_failures(failed: &[(String, String)]) -> String {
+    let each: Vec<String> = failed
+        .iter()
+        .map(|(file, why)| format!("{file}: the device failed: {why}"))
+        .collect();
+    each.join("; ")
 }
 
 /// A listening socket.
@@ -355,10 +366,11 @@ impl Drop for Entry {
     }
 }
 
-/// Serves `exports` on `listeners` until `stop` is signalled, then drains
-/// every connection. Accepts at most `max_connections` at once (more are
-/// closed at once, with a log line); a connection still in its handshake
-/// after `handshake_limit` is closed.
+/// Serves `exports` on `listeners` until `stop` is signalled, or an
+/// export's device fails (an error then), and drains every connection.
+/// Accepts at most `max_connections` at once (more are closed at once, with
+/// a log line); a connection still in its handshake after
+/// `handshake_limit` is closed.
 pub fn run(
     exports: &Exports,
     listeners: &[Listener],
@@ -369,6 +381,19 @@ pub fn run(
 ) -> Result<(), ServerError> {
     for l in listeners {
         l.set_nonblocking().map_err(ServerError::Poll)?;
+    }
+    // A failed device ends every request and connection with an error:
+    // stop, as on a signal, so that whoever runs the server hears of it
+    // (and may restart it) rather than clients being turned away.
+    let failed = Arc::new(
+        EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| ServerError::Poll(e.into()))?,
+    );
+    for export in exports.iter() {
+        let failed = failed.clone();
+        export.device.on_failure(Box::new(move || {
+            let _ = failed.write(1);
+        }));
     }
     let registry = Arc::new(Registry::default());
     let ids = AtomicU64::new(0);
@@ -384,6 +409,7 @@ pub fn run(
             .filter(|_| !resting)
             .map(|l| PollFd::new(l.fd(), PollFlags::POLLIN))
             .collect();
+        fds.push(PollFd::new(failed.as_fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
         let wake = match (resting, next_cut) {
             (true, Some(t)) => Some(t.min(now + ACCEPT_BACKOFF)),
@@ -403,16 +429,28 @@ pub fn run(
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => break Err(ServerError::Poll(e.into())),
         }
-        let stopping = fds
-            .last()
-            .and_then(PollFd::revents)
-            .is_some_and(|r| !r.is_empty());
+        let signalled = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        let (stopping, failing) = match fds.as_slice() {
+            [.., f, s] => (signalled(s), signalled(f)),
+            _ => (false, false),
+        };
+        if failing {
+            let mut failed = Vec::new();
+            for e in exports.iter() {
+                if let Some(why) = e.device.failure() {
+                    let file = e.device.path().display().to_string();
+                    tracing::error!(export = %e.name, "{file}: the device failed: {why}; stopping the server");
+                    failed.push((file, why));
+                }
+            }
+            break Err(ServerError::DeviceFailed { failed });
+        }
         if stopping {
             break Ok(());
         }
         let ready: Vec<bool> = fds
             .iter()
-            .take(fds.len() - 1)
+            .take(fds.len() - 2)
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
         drop(fds);

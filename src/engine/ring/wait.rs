@@ -80,6 +80,9 @@ impl<B: BufSet> Ring<B> {
     /// completion to `done`. Returns how many it handed over. A wait returns
     /// at once if a waker fired since [`Ring::announce_sleep`].
     pub fn run(&mut self, wait: bool, done: &mut impl FnMut(Completion)) -> io::Result<usize> {
+        if let Some(errno) = self.faults.as_ref().and_then(|f| f.ring_failure()) {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         if wait {
             // Armed first, so that a waker ends a poll as it ends a sleep.
             self.arm_wake();
