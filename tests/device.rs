@@ -1005,3 +1005,32 @@ fn a_read_only_device_syncs_nothing_when_it_closes() {
         assert_eq!(syncs, 0, "{}: a read-only device synced", path.display());
     }
 }
+
+/// A pool smaller than one chunk is refused, not run on one chunk; a pool
+/// that is not a whole number of chunks is rounded down to one.
+#[test]
+fn a_pool_smaller_than_one_chunk_is_refused() {
+    let f = fixture(1 << 20, 62);
+    let chunk = DeviceOptions::default().chunk_bytes();
+    for pool_size in [0, 4096, chunk - 1] {
+        let o = DeviceOptions {
+            pool_size,
+            ..opts(false, Cache::None)
+        };
+        let err = Device::open(&f.cow, &o).map(|_| ()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!(
+                "a pool of {pool_size} bytes is smaller than one {chunk}-byte chunk"
+            )),
+            "{pool_size}: {msg}"
+        );
+    }
+    let o = DeviceOptions {
+        pool_size: chunk + chunk / 2,
+        ..opts(false, Cache::None)
+    };
+    let dev = Device::open(&f.cow, &o).unwrap();
+    assert_eq!(dev.pool().chunks(), 1);
+    dev.close().unwrap();
+}

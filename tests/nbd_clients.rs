@@ -2372,6 +2372,41 @@ fn a_pool_size_that_cannot_be_made_is_named() {
     }
 }
 
+/// A pool smaller than one 128K buffer chunk is refused while the
+/// arguments are checked, with a message that names `--pool-size`, the value
+/// given and the smallest value taken, in `serve` and in `bench` alike; the
+/// smallest is served.
+#[test]
+fn a_pool_size_below_one_chunk_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let (_base, cow, _) = common::base_and_overlay(dir.path(), 13, 1 << 20);
+    let socket = dir.path().join("s.sock");
+    for size in ["0", "4K", "127K", "131071"] {
+        let (code, err) = common::server::serve_refused(
+            &socket,
+            &[cow.as_os_str(), "--pool-size".as_ref(), size.as_ref()],
+        );
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(&format!("'{size}' for '--pool-size")), "{err}");
+        assert!(err.contains("at least 128K"), "{err}");
+        let out = output(
+            ubd()
+                .args(["bench", "--count", "1", "--pool-size", size])
+                .arg(&cow),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("'{size}' for '--pool-size")), "{err}");
+        assert!(err.contains("at least 128K"), "{err}");
+    }
+    let out = output(
+        ubd()
+            .args(["bench", "--count", "1", "--pool-size", "128K"])
+            .arg(&cow),
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// `ubd serve cow.img` run in the overlay's directory (the socket then
 /// `cow.img.sock`, relative) prints a URI a client in another directory
 /// can use: the socket's absolute path.

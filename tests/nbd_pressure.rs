@@ -1,7 +1,7 @@
 //! `ubd serve` under memory pressure (issue 7).
 //!
 //! 1. The smallest pool the server takes (one 128 KiB chunk: `--pool-size`
-//!    rounds smaller sizes up to it) with `--fail-alloc` (every allocation
+//!    refuses less) with `--fail-alloc` (every allocation
 //!    takes the reserve path): 16 connections with 16 requests of 32 MiB in
 //!    flight each (`tests/reliability/pressure.py`, python3-libnbd: writes
 //!    share one source buffer, so 256 requests in flight cost the client

@@ -63,8 +63,9 @@ pub struct Args {
     /// Host page cache use.
     #[arg(long, value_enum, default_value_t)]
     cache: CacheArg,
-    /// Buffer pool size (preallocated).
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    /// Buffer pool size (preallocated): at least 128K, rounded down to a
+    /// multiple of 128K.
+    #[arg(long, value_parser = super::parse_pool_size, default_value = "64M")]
     pool_size: u64,
     /// Fault injection: every buffer allocation takes the pool's reserve path.
     #[arg(long)]

@@ -63,6 +63,20 @@ pub fn pool_size_error(
     }
 }
 
+/// `--pool-size`: a size of at least one buffer chunk, the smallest pool a
+/// device runs on.
+pub fn parse_pool_size(text: &str) -> Result<u64, String> {
+    let size = units::parse_size(text)?;
+    let min = ubd::device::DeviceOptions::default().chunk_bytes() as u64;
+    if size < min {
+        return Err(format!(
+            "a pool is at least {} (one buffer chunk)",
+            units::format_size(min)
+        ));
+    }
+    Ok(size)
+}
+
 /// Host page cache use, with the names qemu users know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum CacheArg {

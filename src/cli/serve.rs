@@ -11,7 +11,7 @@ use ubd::nbd::export::{Export, Exports};
 use ubd::nbd::server::{self, Listener};
 use ubd::nbd::tls::{Tls, TlsMode};
 
-use super::units::{format_size, parse_size};
+use super::units::format_size;
 use super::{BackingDir, CacheArg, Outcome};
 
 /// The port NBD servers listen on by default.
@@ -69,8 +69,9 @@ pub struct Args {
     /// Host page cache use for the overlay and backing file.
     #[arg(long, value_enum, default_value_t)]
     cache: CacheArg,
-    /// Buffer pool per export (preallocated and registered with io_uring).
-    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    /// Buffer pool per export (preallocated and registered with io_uring):
+    /// at least 128K, rounded down to a multiple of 128K.
+    #[arg(long, value_parser = super::parse_pool_size, default_value = "64M")]
     pool_size: u64,
     /// Use this backing file instead of the one the overlay names (one
     /// export only).

@@ -193,6 +193,14 @@ impl Default for DeviceOptions {
     }
 }
 
+impl DeviceOptions {
+    /// Bytes per pool chunk as [`Device::open`] uses them: `chunk_size` made
+    /// a power of two of at least 4096. Also the smallest pool that works.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_size.max(4096).next_power_of_two()
+    }
+}
+
 /// Why a device could not be opened or used.
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -256,8 +264,16 @@ impl Device {
                 lock_wait: opts.lock_wait,
             },
         )?;
-        let chunk_size = opts.chunk_size.max(4096).next_power_of_two();
-        let chunks = (opts.pool_size / chunk_size).max(1);
+        let chunk_size = opts.chunk_bytes();
+        if opts.pool_size < chunk_size {
+            return Err(PoolError::Config(format!(
+                "a pool of {} bytes is smaller than one {chunk_size}-byte chunk",
+                opts.pool_size
+            ))
+            .into());
+        }
+        // A pool that is not a whole number of chunks is rounded down.
+        let chunks = opts.pool_size / chunk_size;
         // The largest request takes up to 64 chunks; keep the reserve (the
         // head of the line's guarantee) at most half the pool.
         let reserve = (chunks / 2).clamp(1, crate::engine::bufpool::MAX_REQUEST_CHUNKS);
