@@ -591,3 +591,71 @@ fn a_failed_device_stops_the_server_with_an_error_naming_its_file() {
     drop(device);
     assert_eq!(read_device(&cow, M, 8192), pattern(21, M, 8192));
 }
+
+/// With two exports served, a READ that fails is logged with the export
+/// and the connection it came on, and so is the end of that connection: the
+/// log says which disk failed.
+#[test]
+fn a_failed_read_is_logged_with_its_export_and_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    fs::create_dir(&a).unwrap();
+    fs::create_dir(&b).unwrap();
+    let (_, a_cow) = base_and_overlay(&a);
+    let (b_base, b_cow) = base_and_overlay(&b);
+    let socket = dir.path().join("nbd.sock");
+    let log = dir.path().join("serve.log");
+    let (a_spec, b_spec) = (
+        format!("disk-a={}", a_cow.display()),
+        format!("disk-b={}", b_cow.display()),
+    );
+    let server = Server::start(
+        &socket,
+        &[
+            "--export",
+            &a_spec,
+            "--export",
+            &b_spec,
+            "--log-file",
+            log.to_str().unwrap(),
+        ],
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&b_base)
+        .unwrap()
+        .set_len(M)
+        .unwrap();
+    let read = r(2 * M, 4096, 5);
+    let on = |export: &str, want: &'static str| {
+        let got = python_ops(&socket, &["--export".into(), export.into(), read.clone()]);
+        assert_eq!(got, [want], "a read on {export}");
+    };
+    on("disk-a", "ok");
+    on("disk-b", "err EIO");
+    let text = log_accounting_for(&log, 1);
+    let (status, stderr) = server.stop();
+    assert!(status.success(), "ubd serve: {status}\n{stderr}");
+    let conn = text
+        .lines()
+        .find(|l| l.contains("connection open") && l.contains("export=disk-b"))
+        .and_then(|l| l.split(" id=").nth(1)?.split(' ').next())
+        .unwrap_or_else(|| panic!("no connection to disk-b opened:\n{text}"));
+    let failed: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains(&format!("read of 4096 bytes at offset {} failed", 2 * M)))
+        .collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(
+        ["export=disk-b".to_string(), format!("conn={conn}")]
+            .iter()
+            .all(|f| failed[0].split_whitespace().any(|w| w == f)),
+        "the line does not name export disk-b and connection {conn}:\n{}",
+        failed[0]
+    );
+    let closed = text
+        .lines()
+        .find(|l| l.contains("connection closed") && l.contains(&format!(" id={conn} ")))
+        .unwrap_or_else(|| panic!("connection {conn} not closed:\n{text}"));
+    assert!(closed.contains(" export=disk-b"), "{closed}");
+}

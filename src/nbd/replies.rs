@@ -11,6 +11,7 @@
 //! piece that came early are held until its turn.
 
 use std::collections::{HashMap, TryReserveError};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 
@@ -73,8 +74,16 @@ pub fn token(id: u64, piece: u32) -> u64 {
     id << 16 | u64::from(piece)
 }
 
+/// The connection and the export its requests come on, for log lines
+/// about one request; made once per connection.
+pub struct Origin {
+    pub conn: u64,
+    pub export: Arc<str>,
+}
+
 /// One connection's replies owed.
 pub struct Replies {
+    origin: Origin,
     style: Style,
     pending: HashMap<u64, Progress>,
     /// Scratch for block status descriptors.
@@ -85,14 +94,24 @@ impl Replies {
     /// Room for the replies a connection may owe is reserved here, once;
     /// an error when memory is short, so the connection is refused, not the
     /// server aborted.
-    pub fn new(style: Style, owed_at_most: usize) -> Result<Replies, TryReserveError> {
+    pub fn new(
+        origin: Origin,
+        style: Style,
+        owed_at_most: usize,
+    ) -> Result<Replies, TryReserveError> {
         let mut pending = HashMap::new();
         pending.try_reserve(owed_at_most)?;
         Ok(Replies {
+            origin,
             style,
             pending,
             extents: Vec::new(),
         })
+    }
+
+    /// The connection and export, for log lines.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
 
     fn chunk_style(&self) -> ChunkStyle {
@@ -163,7 +182,13 @@ impl Replies {
         let id = token >> 16;
         let piece = (token & 0xffff) as u32;
         let Some(mut p) = self.pending.remove(&id) else {
-            tracing::error!(token, "completion for an unknown request");
+            let o = &self.origin;
+            tracing::error!(
+                conn = o.conn,
+                export = %o.export,
+                token,
+                "completion for an unknown request"
+            );
             return Finished::default();
         };
         p.done += 1;
@@ -306,7 +331,8 @@ impl Replies {
             "read of {len} bytes at offset {off} failed: {}",
             errno.desc()
         );
-        tracing::warn!(cookie = p.req.cookie, "{msg}");
+        let o = &self.origin;
+        tracing::warn!(conn = o.conn, export = %o.export, cookie = p.req.cookie, "{msg}");
         if !p.req.contiguous {
             let mark = out.mark();
             let mut head = ChunkHead::new(self.chunk_style(), p.req.cookie, p.req.offset);
@@ -320,6 +346,8 @@ impl Replies {
         if p.header_sent {
             // The reply promised data it cannot send: framing is lost.
             tracing::error!(
+                conn = o.conn,
+                export = %o.export,
                 cookie = p.req.cookie,
                 "{msg}, after the reply began; closing the connection"
             );

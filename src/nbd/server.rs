@@ -613,10 +613,13 @@ fn connection(entry: &Entry, stream: Stream, exports: &Exports, tls: Option<&Tls
         "connection open"
     );
     let (socket, buffered, bridge) = input.into_parts();
-    match transmission::serve(socket, buffered, &session) {
-        End::Disconnect | End::Closed => tracing::info!(id, %peer, "connection closed"),
-        End::Stopped => tracing::info!(id, %peer, "connection closed: the server is shutting down"),
-        End::Broken(why) => tracing::warn!(id, %peer, "connection closed: {why}"),
+    let export = &session.export.name;
+    match transmission::serve(socket, buffered, &session, id) {
+        End::Disconnect | End::Closed => tracing::info!(id, %peer, %export, "connection closed"),
+        End::Stopped => {
+            tracing::info!(id, %peer, %export, "connection closed: the server is shutting down")
+        }
+        End::Broken(why) => tracing::warn!(id, %peer, %export, "connection closed: {why}"),
     }
     // The worker has closed its end; the bridge still sends what it left
     // there. The connection stays registered until then, so shutdown waits

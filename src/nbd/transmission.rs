@@ -27,7 +27,7 @@ use crate::device::{
 use super::codec::{self, cmd, cmd_flag, errno};
 use super::export::{Contexts, MAX_PAYLOAD};
 use super::handshake::{Session, Style};
-use super::replies::{Pending, Replies, piece_bounds, token};
+use super::replies::{Origin, Pending, Replies, piece_bounds, token};
 
 /// Replies one connection may owe at once; its input waits beyond this.
 /// (448 fills a table of 512 buckets, reserved when the connection starts.)
@@ -67,9 +67,14 @@ fn allowed_flags(command: u16, style: Style, read_only: bool) -> u16 {
 /// Serves requests on `socket` (with `buffered` bytes already read from
 /// it) until the client leaves or the connection breaks; returns once every
 /// started request has been answered and the device let the socket go.
-pub fn serve(socket: OwnedFd, buffered: Vec<u8>, session: &Session) -> End {
+/// `id` names the connection in log lines.
+pub fn serve(socket: OwnedFd, buffered: Vec<u8>, session: &Session, id: u64) -> End {
     let device = session.export.device.clone();
-    let conn = match NbdConn::new(&device, session.style, session.contexts) {
+    let origin = Origin {
+        conn: id,
+        export: session.export.name.as_str().into(),
+    };
+    let conn = match NbdConn::new(&device, origin, session.style, session.contexts) {
         Ok(c) => c,
         Err(e) => return End::Broken(format!("no memory for the connection's state: {e}")),
     };
@@ -134,6 +139,7 @@ struct NbdConn {
 impl NbdConn {
     fn new(
         device: &Arc<Device>,
+        origin: Origin,
         style: Style,
         contexts: Contexts,
     ) -> Result<NbdConn, TryReserveError> {
@@ -156,7 +162,7 @@ impl NbdConn {
             read_budget: (pool.chunk_size() * pool.chunks() / 2) as u64,
             next_id: 0,
             current: None,
-            replies: Replies::new(style, MAX_IN_FLIGHT)?,
+            replies: Replies::new(origin, style, MAX_IN_FLIGHT)?,
             owed: 0,
             read_owed: 0,
             stopping: false,
@@ -276,7 +282,16 @@ impl NbdConn {
             return Step::Wait;
         }
         if self.stopping {
-            tracing::debug!(cookie, command, offset, len, "refused: shutting down");
+            let o = self.replies.origin();
+            tracing::debug!(
+                conn = o.conn,
+                export = %o.export,
+                cookie,
+                command,
+                offset,
+                len,
+                "refused: shutting down"
+            );
             self.refuse_after_payload(&req, errno::ESHUTDOWN, "the server is shutting down");
             self.told_of_stop = true;
             return Step::Skip {
@@ -286,7 +301,18 @@ impl NbdConn {
         }
         // Refuse before reading the payload, then skip it: framing holds.
         if let Some((error, message)) = self.refusal(&req, payload) {
-            tracing::debug!(cookie, command, offset, len, error, message, "refused");
+            let o = self.replies.origin();
+            tracing::debug!(
+                conn = o.conn,
+                export = %o.export,
+                cookie,
+                command,
+                offset,
+                len,
+                error,
+                message,
+                "refused"
+            );
             self.refuse_after_payload(&req, error, message);
             return Step::Skip {
                 consumed: hlen,

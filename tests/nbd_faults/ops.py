@@ -1,7 +1,7 @@
 """Runs NBD requests one after another on one libnbd connection and prints
 one line per request: `ok`, or `err NAME` with the errno libnbd reported.
 
-Usage: ops.py SOCKET OP...   where OP is
+Usage: ops.py SOCKET [--export NAME] OP...   where OP is
   w:OFFSET:LEN:SEED    write LEN bytes of the pattern SEED at OFFSET
   r:OFFSET:LEN:SEED    read, and compare with the pattern SEED (`bad` if not)
   f                    flush
@@ -23,8 +23,12 @@ def pattern(seed, offset, length):
 
 def main():
     h = nbd.NBD()
+    ops = sys.argv[2:]
+    if ops[:1] == ["--export"]:
+        h.set_export_name(ops[1])
+        ops = ops[2:]
     h.connect_unix(sys.argv[1])
-    for spec in sys.argv[2:]:
+    for spec in ops:
         parts = spec.split(":")
         try:
             if parts[0] == "f":
