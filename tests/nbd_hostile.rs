@@ -308,6 +308,11 @@ fn clients_stalled_mid_handshake_header_or_payload_hold_up_no_one() {
 }
 
 #[test]
+fn clients_stalled_mid_payload_holding_the_whole_pool_hold_up_no_one() {
+    hostile_case("stalled_payloads_fill_the_pool", &[], WHOLE);
+}
+
+#[test]
 fn a_handshake_that_takes_too_long_in_all_is_closed() {
     let (_, log) = hostile_case_and_log("slow_handshake", &["--handshake-limit", "2"], WHOLE);
     // The cut is logged as such, and not again as a failed handshake.

@@ -910,6 +910,58 @@ def case_stalled_clients(ctx):
     still_serves(ctx, "stalled clients went away")
 
 
+def unread_by_server(c):
+    """Bytes `c` sent that the server has not read yet (SIOCOUTQ)."""
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(c.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
+
+def case_stalled_payloads_fill_the_pool(ctx):
+    # Clients that each send a 32 MiB WRITE's header and a little of its
+    # payload, then nothing, and stay connected: each holds the buffers of
+    # the piece whose payload the server is receiving (an eighth of the
+    # default 64 MiB pool, the largest piece). Eight of them hold the whole
+    # pool, reserve included. A well-behaved client must still be served
+    # while they stay (nbd.md: one client's bad input never affects another
+    # connection), at the latest once the server cuts them, as it cuts
+    # clients that read none of their replies while others wait for memory.
+    stalled = []
+    for i in range(8):
+        c = R.connect_go(ctx.sock, structured=True)
+        c.send(c.request_bytes(R.CMD_WRITE, 2 * MiB, 32 * MiB, 0, 1) + b"\xee" * 100000)
+        stalled.append(c)
+    # Each holds its buffers once the server has read what it sent.
+    deadline = time.monotonic() + 60
+    while any(unread_by_server(c) for c in stalled):
+        if time.monotonic() > deadline:
+            fail("the server did not read the stalled clients' first payload bytes")
+        time.sleep(0.05)
+    log("ok: %d clients stalled in the middle of 32 MiB WRITE payloads" % len(stalled))
+    c = Conn(ctx.sock, timeout=60)
+    c.greet()
+    c.negotiate_structured()
+    c.go()
+    try:
+        ctx.expect_data(c, 0, 4096, "beside clients stalled in WRITE payloads")
+    except (socket.timeout, TimeoutError):
+        fail(
+            "while 8 clients stalled in the middle of 32 MiB WRITE payloads, a 4 KiB READ "
+            "of a well-behaved client got no reply in 60 s (the pool is theirs)"
+        )
+    c.disc()
+    c.close()
+    log("ok: a READ beside clients stalled in WRITE payloads was answered")
+    for c in stalled:
+        c.close()
+    c = R.connect_go(ctx.sock)
+    ctx.expect_data(c, 2 * MiB, 32 * MiB, "the range the stalled WRITEs aimed at")
+    c.disc()
+    c.close()
+    still_serves(ctx, "clients stalled in WRITE payloads went away")
+
+
 def case_slow_handshake(ctx):
     # A client that sends its handshake a byte at a time, each well within
     # any per-read time-out, may not hold its connection (and a slot of

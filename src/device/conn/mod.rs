@@ -15,6 +15,9 @@
 //! Memory (invariant 4): a connection that cannot get chunks joins the
 //! worker's FIFO line; only the head of the line may use the pool's reserve,
 //! and it is tried again whenever memory comes back, so nothing overtakes it.
+//! Memory only a client can give back (replies it does not read, a WRITE
+//! payload it does not send) is taken back by cutting that client after
+//! [`SEND_STALL`] while the line waits.
 //! Teardown (invariant 3): a connection goes only when it reads nothing more,
 //! has no op in flight on its socket or buffers, and every request it started
 //! has ended; its buffers leave the ring only then.
@@ -55,9 +58,10 @@ use crate::engine::sendbuf::SendBuf;
 const STREAMING: usize = 64 * 1024;
 
 /// While a connection waits for memory, a connection whose client has read
-/// none of its replies for this long is cut: what it holds goes to the
-/// others. (A client that reads something of them in every such span is
-/// never cut.)
+/// none of its replies, or sent none of the WRITE payload being received
+/// into its buffers, for this long is cut: what it holds goes to the
+/// others. (A client that moves something in every such span is never
+/// cut.)
 pub(super) const SEND_STALL: Duration = Duration::from_secs(10);
 /// How often the worker looks for such clients while memory is short.
 pub(super) const STALL_CHECK: Duration = Duration::from_secs(1);
@@ -112,10 +116,9 @@ pub(super) struct Conn {
     sending: Option<(usize, usize, usize)>,
     /// Send ops pushed so far.
     sends: u64,
-    /// Where the send stood (ops pushed, bytes of the last one moved, bytes
-    /// the client has not read) when first seen there by
+    /// Where what the client holds up stood when first seen there by
     /// [`Worker::cut_stalled_senders`], and when.
-    stall: Option<((u64, u64, usize), Instant)>,
+    stall: Option<(Held, Instant)>,
     requests: u32,
     /// Still reading requests.
     open: bool,
@@ -128,6 +131,17 @@ pub(super) struct Conn {
 
 /// Buffer slots each connection uses.
 pub(super) const CONN_SLOTS: u32 = 3;
+
+/// What a connection's pool buffers wait for from its client, as
+/// [`Worker::cut_stalled_senders`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Replies on the wire: send ops pushed, bytes of the last one moved,
+    /// bytes the client has not read.
+    Send(u64, u64, usize),
+    /// A WRITE's payload: bytes of it received so far.
+    Payload(u64),
+}
 
 impl Worker {
     /// Takes a new connection on, or ends it at once when there is no room.
@@ -467,10 +481,11 @@ impl Worker {
     }
 
     /// While some connection waits in the memory line: cuts each connection
-    /// whose client has read nothing of its replies for [`SEND_STALL`]: a
+    /// whose client has, for [`SEND_STALL`], read nothing of its replies (a
     /// send is on the wire, the socket holds bytes the client has not read,
-    /// and neither changed (the memory they hold is what the line waits
-    /// for). Looks at most four times per [`STALL_CHECK`].
+    /// and neither changed) or sent nothing of the WRITE payload being
+    /// received into its buffers: the memory they hold is what the line
+    /// waits for. Looks at most four times per [`STALL_CHECK`].
     pub(super) fn cut_stalled_senders(&mut self) {
         let now = Instant::now();
         if self
@@ -491,12 +506,15 @@ impl Worker {
             } else {
                 0
             };
-            if unread == 0 {
+            let at = if unread > 0 {
+                let moved = self.ring.progress_of(tag(P_SEND, c)).unwrap_or(0);
+                Held::Send(conn.sends, moved, unread)
+            } else if conn.payload.is_some() && !conn.broken {
+                Held::Payload(self.ring.progress_of(tag(P_PAYLOAD, c)).unwrap_or(0))
+            } else {
                 conn.stall = None;
                 continue;
-            }
-            let moved = self.ring.progress_of(tag(P_SEND, c)).unwrap_or(0);
-            let at = (conn.sends, moved, unread);
+            };
             let stalled_for = match conn.stall {
                 Some((seen, since)) if seen == at => now.duration_since(since),
                 _ => {
@@ -505,9 +523,12 @@ impl Worker {
                 }
             };
             if stalled_for >= SEND_STALL {
+                let what = match at {
+                    Held::Send(..) => "read none of its replies",
+                    Held::Payload(_) => "sent none of a WRITE payload",
+                };
                 let why = format!(
-                    "its client read none of its replies for {}s while other connections \
-                     waited for memory",
+                    "its client {what} for {}s while other connections waited for memory",
                     stalled_for.as_secs()
                 );
                 self.break_conn(c, why);
