@@ -1034,3 +1034,71 @@ fn a_pool_smaller_than_one_chunk_is_refused() {
     assert_eq!(dev.pool().chunks(), 1);
     dev.close().unwrap();
 }
+
+/// Writes submitted by other threads while the device closes: each one
+/// the device answered with success is still there after the close, once
+/// the overlay is opened again (the close's last flush round covers it, or
+/// the write is refused). Each write sets a new bitmap bit.
+#[test]
+fn a_write_answered_while_the_device_closes_survives_the_close() {
+    const THREADS: usize = 16;
+    const ROUNDS: usize = 100;
+    const PER_ROUND: usize = 32;
+    const REGION: usize = ROUNDS * PER_ROUND * SECTOR;
+    let f = fixture(THREADS * REGION, 11);
+    for round in 0..ROUNDS {
+        let dev = Arc::new(Device::open(&f.cow, &DeviceOptions::default()).unwrap());
+        let writers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let dev = dev.clone();
+                std::thread::spawn(move || {
+                    let mut acked = Vec::new();
+                    let v = (round * 16 + t) as u8 | 1;
+                    for k in 0..PER_ROUND {
+                        let at = (t * REGION + (round * PER_ROUND + k) * SECTOR) as u64;
+                        if dev.write_at(at, &[v; SECTOR], Flags::default()).is_err() {
+                            break;
+                        }
+                        acked.push(at);
+                    }
+                    (v, acked)
+                })
+            })
+            .collect();
+        // Threads that keep the CPUs busy, so that writers are preempted
+        // between their check of the device and their hand-over.
+        let spin = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let hogs: Vec<_> = (0..6)
+            .map(|_| {
+                let spin = spin.clone();
+                std::thread::spawn(move || {
+                    while spin.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(1 + (round % 3) as u64));
+        dev.close().unwrap();
+        spin.store(false, Ordering::Relaxed);
+        for h in hogs {
+            h.join().unwrap();
+        }
+        let results: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        drop(dev);
+        let dev = Device::open(&f.cow, &DeviceOptions::default()).unwrap();
+        for (v, acked) in results {
+            for at in acked {
+                let mut got = [0u8; SECTOR];
+                dev.read_at(at, &mut got).unwrap();
+                assert!(
+                    got.iter().all(|&b| b == v),
+                    "round {round}: a write of {v:#x} at {at} answered OK is gone after the \
+                     close (reads {:#x})",
+                    got[0]
+                );
+            }
+        }
+        dev.close().unwrap();
+    }
+}

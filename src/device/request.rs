@@ -87,6 +87,7 @@ impl Worker {
             self.local.push_front((req, origin));
             return;
         };
+        self.started += 1;
         let r = Req {
             command: req.command,
             offset: req.offset,

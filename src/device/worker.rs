@@ -13,9 +13,10 @@
 //! only when all its ops are back, and its slot and buffers are freed before
 //! its caller hears of it (invariant 1).
 //!
-//! Closing: once told to close, the worker takes no new requests, finishes
-//! the ones it has, runs a last flush round, and drains the ring before any
-//! buffer or file goes (invariant 3).
+//! Closing: once told to close, the worker takes no new requests (but for
+//! those whose callers looked before the flag was set), finishes the ones it
+//! has, runs a last flush round (another if a request started during it),
+//! and drains the ring before any buffer or file goes (invariant 3).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -161,6 +162,8 @@ pub struct Worker {
     pub(super) stall_checked: Option<std::time::Instant>,
     pub(super) reqs: Vec<Option<Req>>,
     pub(super) free: Vec<u32>,
+    /// Requests started so far (given a slot).
+    pub(super) started: u64,
     /// Sinks that heard `complete_batched` since the worker last slept.
     pub(super) batched: Vec<Arc<dyn Sink>>,
     pub(super) locks: RangeLocks,
@@ -347,6 +350,7 @@ impl Worker {
             stall_checked: None,
             reqs: (0..max_requests).map(|_| None).collect(),
             free: (0..mr).rev().collect(),
+            started: 0,
             batched: Vec::with_capacity(mr as usize),
             locks: RangeLocks::new(max_requests),
             scratch_free: (mr..mr + SCRATCH).rev().collect(),
@@ -387,7 +391,8 @@ impl Worker {
     /// The worker's loop; returns when closed, with the final flush's result.
     pub fn run(mut self) -> Result<(), Errno> {
         let mut done: Vec<Completion> = Vec::with_capacity(self.ring.room() + 1);
-        let mut final_round = false;
+        // `started` when the last round began, once closing.
+        let mut final_round: Option<u64> = None;
         let pool_waker = self.ring.waker();
         self.pool
             .set_on_free(Some(Box::new(move || pool_waker.wake())));
@@ -399,11 +404,14 @@ impl Worker {
             let closing = self.closing.load(Ordering::SeqCst);
             if closing && self.local.is_empty() && !self.busy() {
                 // A read-only device wrote nothing: it has nothing to sync.
-                if final_round || self.read_only {
+                // A request that reached the intake after `closing` (its
+                // caller looked before it was set) and was started after
+                // the last round began needs another one.
+                if final_round == Some(self.started) || self.read_only {
                     break;
                 }
                 // A last round makes everything acknowledged durable.
-                final_round = true;
+                final_round = Some(self.started);
                 self.round.phase = Phase::Idle;
                 self.start_round(true);
                 continue;
