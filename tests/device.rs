@@ -1108,8 +1108,6 @@ fn a_write_answered_while_the_device_closes_survives_the_close() {
 /// end, which the device answers OK: the range then reads as zeros, not as
 /// a failure.
 #[test]
-#[ignore = "known bug: fallocate(KEEP_SIZE) past the overlay's end sets bits over bytes \
-            the file does not reach, which reads then fail as truncated (EIO)"]
 fn write_zeroes_past_the_end_of_a_short_overlay_file_reads_back_as_zeros() {
     let f = fixture(4 << 20, 13);
     let full = fs::metadata(&f.cow).unwrap().len();

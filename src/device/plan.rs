@@ -388,7 +388,34 @@ impl Worker {
         } else {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         };
+        // An overlay whose file ends before its data area does (it opens:
+        // no bit is set past the end) must reach the range's end, or the
+        // bits set here would point past it and reads of them would fail as
+        // if the overlay had been cut short. Zeroing the last sector without
+        // KEEP_SIZE makes the file reach it; what lies before reads as
+        // zeros. (A WRITE there makes the file reach its end the same way.)
+        let reach = match &self.cow {
+            Some(cow) => cow.data_offset + end * SECTOR,
+            None => 0,
+        };
+        let short = match reach {
+            0 => false,
+            _ => match self.main.metadata() {
+                Ok(m) => m.len() < reach,
+                Err(e) => {
+                    // Ops of a partial-sector merge may be in flight: the
+                    // request ends with the error once they are back.
+                    if let Some(r) = self.req(slot) {
+                        r.error.get_or_insert(e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                    return;
+                }
+            },
+        };
         self.emit_fallocate(slot, mode, start..end);
+        if short {
+            self.emit_fallocate(slot, libc::FALLOC_FL_ZERO_RANGE, end - 1..end);
+        }
     }
 
     /// Direct I/O into a hole of the overlay allocates blocks, which the
