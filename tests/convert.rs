@@ -534,6 +534,57 @@ fn qcow2_over_the_backing_file_holds_the_overlays_clusters_only() {
     }
 }
 
+/// An overlay fragmented past what one block-status answer holds (every
+/// other sector of its first 40 MiB present: 81,920 runs): the qcow2 over
+/// the backing file still holds the overlay's clusters only. Each answer
+/// ends early there, and the conversion asks again from where it ended;
+/// it used to take the rest of its 1 GiB window as the overlay's, copying
+/// the backing file's data into the top layer.
+#[test]
+fn qcow2_over_the_backing_file_of_a_fragmented_overlay_holds_its_clusters_only() {
+    let size = 128 * MIB;
+    let fragmented = 40 * MIB;
+    let dir = Dir::new();
+    let (base, cow) = (dir.join("base.img"), dir.join("vm.cow"));
+    make_base(&base, size, &[(0, size)], 21);
+    run(ubd().args(["create", "--backing"]).arg(&base).arg(&cow));
+    let bitmap = ubd_info(&cow)["bitmap_offset"].as_u64().unwrap();
+    File::options()
+        .write(true)
+        .open(&cow)
+        .unwrap()
+        .write_all_at(&vec![0x55; (fragmented / 512 / 8) as usize], bitmap)
+        .unwrap();
+    let (raw, qcow2) = (dir.join("out.img"), dir.join("out.qcow2"));
+    convert(&cow, &raw);
+    run(ubd()
+        .args(["convert", "-O", "qcow2", "--keep-backing"])
+        .arg(&cow)
+        .arg(&qcow2));
+    let qemu_img = tool("qemu-img", "qemu-utils");
+    qemu_img_check(&qcow2);
+    run(Command::new(&qemu_img)
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&qcow2)
+        .arg(&raw));
+    let map: serde_json::Value = serde_json::from_str(&run(Command::new(&qemu_img)
+        .args(["map", "--output", "json", "-f", "qcow2"])
+        .arg(&qcow2)))
+    .unwrap();
+    let top: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"].as_u64() == Some(0))
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        top,
+        [(0, fragmented)],
+        "the qcow2's top layer (start, length) vs the overlay's 40 MiB"
+    );
+}
+
 /// A qcow2 image is the device's size (the backing file's, rounded up to a
 /// whole sector, as qemu and the device both count it), so it holds what
 /// the overlay has written past the backing file's last byte, in that

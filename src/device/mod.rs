@@ -63,7 +63,8 @@ pub enum Command {
     WriteZeroes,
     /// Prefetch the range into the host's cache.
     Cache,
-    /// Where the range's data lives: see [`Extent`].
+    /// Where the range's data lives: see [`Extent`]. The answer may end
+    /// before the range does (see [`Device::block_status`]).
     BlockStatus,
 }
 
@@ -662,7 +663,9 @@ impl Device {
         self.call_simple(Command::Cache, offset, len, Flags::default())
     }
 
-    /// Where `offset..offset + len` reads from, as runs.
+    /// Where `offset..offset + len` reads from, as runs from `offset` on:
+    /// at most some 65,000 of them, so over a fragmented range they may end
+    /// early (ask again from there).
     pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
         let reply = self
             .call(Request {

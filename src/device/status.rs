@@ -5,6 +5,12 @@
 //! nothing changed. It reads the same RAM bitmap that routes READs (a bit
 //! there only after its sector's data write completed: invariant 7), so it
 //! reports where a READ of the range would go.
+//!
+//! An answer holds at most [`MAX_EXTENTS`] extents, from the range's start:
+//! a fragmented range (a bitmap of alternate sectors, a file full of holes)
+//! would otherwise cost memory and worker time in proportion to its length,
+//! which a client chooses, while every other request waits. The caller asks
+//! again from where the answer ends.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -15,6 +21,10 @@ use nix::unistd::{Whence, lseek};
 use super::worker::{FILE_MAIN, SECTOR, Worker, log_slot};
 use super::{Extent, Reply};
 
+/// The most extents one answer holds (some 1 MiB of them, and at most two
+/// `lseek` calls each).
+pub(super) const MAX_EXTENTS: usize = 1 << 16;
+
 impl Worker {
     /// Where the request's range reads from, from the bitmap and the files'
     /// holes (SEEK_DATA / SEEK_HOLE).
@@ -24,14 +34,18 @@ impl Worker {
         };
         let (start, end) = (r.offset, (r.offset + r.len).min(self.capacity));
         let mut out: Vec<Extent> = Vec::new();
+        // Adds an extent; false once the answer is full (it was not added).
         let mut add = |len: u64, depth: u8, zero: bool| {
             if len == 0 {
-                return;
+                return true;
             }
+            let full = out.len() == MAX_EXTENTS;
             match out.last_mut() {
                 Some(e) if e.depth == depth && e.zero == zero => e.len += len,
+                _ if full => return false,
                 _ => out.push(Extent { len, depth, zero }),
             }
+            true
         };
         let Some(cow) = &self.cow else {
             holes(&self.main, start, end, self.main_len, |len, data| {
@@ -68,23 +82,27 @@ impl Worker {
                     }
                     return Err(Errno::EIO);
                 }
-                holes(
+                if !holes(
                     &self.main,
                     base + at,
                     base + run_end,
                     u64::MAX,
                     |len, data| add(len, 1, !data),
-                )?;
+                )? {
+                    break;
+                }
             } else {
                 let in_backing = run_end.min(cow.backing_len.max(at));
-                holes(
+                if !holes(
                     &cow.backing,
                     at,
                     in_backing,
                     cow.backing_len,
                     |len, data| add(len, 2, !data),
-                )?;
-                add(run_end - in_backing, 0, true);
+                )? || !add(run_end - in_backing, 0, true)
+                {
+                    break;
+                }
             }
             at = run_end;
         }
@@ -93,14 +111,15 @@ impl Worker {
 }
 
 /// Calls `each(len, is_data)` for the data and hole runs of `file` over
-/// `start..end`; bytes at or past `file_len` count as a hole.
+/// `start..end`, in order; bytes at or past `file_len` count as a hole.
+/// Stops, returning false, when `each` does.
 fn holes(
     file: &File,
     start: u64,
     end: u64,
     file_len: u64,
-    mut each: impl FnMut(u64, bool),
-) -> Result<(), Errno> {
+    mut each: impl FnMut(u64, bool) -> bool,
+) -> Result<bool, Errno> {
     let mut at = start;
     let limit = end.min(file_len);
     while at < limit {
@@ -111,7 +130,9 @@ fn holes(
             Err(e) => return Err(e),
         };
         if data > at {
-            each(data - at, false);
+            if !each(data - at, false) {
+                return Ok(false);
+            }
             at = data;
             continue;
         }
@@ -121,11 +142,10 @@ fn holes(
             Err(e) => return Err(e),
         };
         let hole = hole.max(at + 1).min(limit);
-        each(hole - at, true);
+        if !each(hole - at, true) {
+            return Ok(false);
+        }
         at = hole;
     }
-    if end > at {
-        each(end - at, false);
-    }
-    Ok(())
+    Ok(end <= at || each(end - at, false))
 }

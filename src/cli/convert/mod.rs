@@ -560,6 +560,16 @@ fn read_data(
         let extents = dev
             .block_status(window, window_end - window)
             .map_err(|e| device_err(source, e))?;
+        // An answer may end early (a fragmented range): the window then
+        // ends where it does, rounded down to `align`, and the next one
+        // asks again from there. (If that leaves nothing, the rest is
+        // taken as `pick_ranges` takes what extents leave out.)
+        let covered = extents.iter().fold(0u64, |n, e| n.saturating_add(e.len));
+        let covered_end = window.saturating_add(covered);
+        let window_end = match covered_end - covered_end % align {
+            end if end > window && end < window_end => end,
+            _ => window_end,
+        };
         let ranges = match which {
             Which::Data => {
                 pick_ranges(&extents, (window, window_end), align, MIN_SKIP, |e| !e.zero)
