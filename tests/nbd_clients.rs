@@ -2355,21 +2355,28 @@ fn a_pool_size_that_cannot_be_made_is_named() {
     let dir = TempDir::new().unwrap();
     let (_base, cow, _) = common::base_and_overlay(dir.path(), 12, 1 << 20);
     for size in ["1E", "15E"] {
-        let (code, err) = common::server::serve_refused(
-            &dir.path().join("s.sock"),
-            &[cow.as_os_str(), "--pool-size".as_ref(), size.as_ref()],
-        );
-        assert_eq!(code, Some(1), "{err}");
-        assert!(err.contains(&format!("--pool-size {size}")), "{err}");
-        let out = output(
-            ubd()
-                .args(["bench", "--count", "1", "--pool-size", size])
-                .arg(&cow),
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains(&format!("--pool-size {size}")), "{err}");
+        for err in pool_size_refused(dir.path(), &cow, size) {
+            assert!(err.contains(&format!("--pool-size {size}")), "{err}");
+        }
     }
+}
+
+/// `serve` and `bench` on `cow` with `--pool-size size`: each exits 1;
+/// their error output, in that order.
+fn pool_size_refused(dir: &Path, cow: &Path, size: &str) -> [String; 2] {
+    let (code, serve_err) = common::server::serve_refused(
+        &dir.join("s.sock"),
+        &[cow.as_os_str(), "--pool-size".as_ref(), size.as_ref()],
+    );
+    assert_eq!(code, Some(1), "{serve_err}");
+    let out = output(
+        ubd()
+            .args(["bench", "--count", "1", "--pool-size", size])
+            .arg(cow),
+    );
+    let bench_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{bench_err}");
+    [serve_err, bench_err]
 }
 
 /// A pool smaller than one 128K buffer chunk is refused while the
@@ -2380,24 +2387,11 @@ fn a_pool_size_that_cannot_be_made_is_named() {
 fn a_pool_size_below_one_chunk_is_refused() {
     let dir = TempDir::new().unwrap();
     let (_base, cow, _) = common::base_and_overlay(dir.path(), 13, 1 << 20);
-    let socket = dir.path().join("s.sock");
     for size in ["0", "4K", "127K", "131071"] {
-        let (code, err) = common::server::serve_refused(
-            &socket,
-            &[cow.as_os_str(), "--pool-size".as_ref(), size.as_ref()],
-        );
-        assert_eq!(code, Some(1), "{err}");
-        assert!(err.contains(&format!("'{size}' for '--pool-size")), "{err}");
-        assert!(err.contains("at least 128K"), "{err}");
-        let out = output(
-            ubd()
-                .args(["bench", "--count", "1", "--pool-size", size])
-                .arg(&cow),
-        );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains(&format!("'{size}' for '--pool-size")), "{err}");
-        assert!(err.contains("at least 128K"), "{err}");
+        for err in pool_size_refused(dir.path(), &cow, size) {
+            assert!(err.contains(&format!("'{size}' for '--pool-size")), "{err}");
+            assert!(err.contains("at least 128K"), "{err}");
+        }
     }
     let out = output(
         ubd()

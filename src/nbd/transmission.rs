@@ -281,26 +281,14 @@ impl NbdConn {
             // bound. (READ data, in pool chunks, has its budget below.)
             return Step::Wait;
         }
-        if self.stopping {
-            let o = self.replies.origin();
-            tracing::debug!(
-                conn = o.conn,
-                export = %o.export,
-                cookie,
-                command,
-                offset,
-                len,
-                "refused: shutting down"
-            );
-            self.refuse_after_payload(&req, errno::ESHUTDOWN, "the server is shutting down");
-            self.told_of_stop = true;
-            return Step::Skip {
-                consumed: hlen,
-                skip: payload,
-            };
-        }
         // Refuse before reading the payload, then skip it: framing holds.
-        if let Some((error, message)) = self.refusal(&req, payload) {
+        // Once the server is stopping, every request is refused.
+        let refused = if self.stopping {
+            Some((errno::ESHUTDOWN, "the server is shutting down"))
+        } else {
+            self.refusal(&req, payload)
+        };
+        if let Some((error, message)) = refused {
             let o = self.replies.origin();
             tracing::debug!(
                 conn = o.conn,
@@ -314,6 +302,7 @@ impl NbdConn {
                 "refused"
             );
             self.refuse_after_payload(&req, error, message);
+            self.told_of_stop |= self.stopping;
             return Step::Skip {
                 consumed: hlen,
                 skip: payload,

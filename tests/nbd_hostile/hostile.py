@@ -863,6 +863,18 @@ def case_disconnect_mid_payload(ctx):
     still_serves(ctx, "a disconnect in the middle of a WRITE payload")
 
 
+def stalled_writes_leave(ctx, stalled, what):
+    # The stalled clients hang up: nothing of the WRITEs at 2 MiB they left
+    # unfinished was written, and the server still serves.
+    for c in stalled:
+        c.close()
+    c = R.connect_go(ctx.sock)
+    ctx.expect_data(c, 2 * MiB, 32 * MiB, "the range the stalled WRITEs aimed at")
+    c.disc()
+    c.close()
+    still_serves(ctx, what)
+
+
 def case_stalled_clients(ctx):
     # Clients that stop half-way and stay connected must not hold up anyone
     # else: one that never reads the greeting, one in the middle of its
@@ -901,13 +913,7 @@ def case_stalled_clients(ctx):
     h.pwrite(ctx.base[5 * MiB : 6 * MiB], 5 * MiB)
     h.shutdown()
     log("ok: libnbd beside stalled clients")
-    for c in stalled:
-        c.close()
-    c = R.connect_go(ctx.sock)
-    ctx.expect_data(c, 2 * MiB, 32 * MiB, "the range the stalled WRITEs aimed at")
-    c.disc()
-    c.close()
-    still_serves(ctx, "stalled clients went away")
+    stalled_writes_leave(ctx, stalled, "stalled clients went away")
 
 
 def unread_by_server(c):
@@ -953,13 +959,7 @@ def case_stalled_payloads_fill_the_pool(ctx):
     c.disc()
     c.close()
     log("ok: a READ beside clients stalled in WRITE payloads was answered")
-    for c in stalled:
-        c.close()
-    c = R.connect_go(ctx.sock)
-    ctx.expect_data(c, 2 * MiB, 32 * MiB, "the range the stalled WRITEs aimed at")
-    c.disc()
-    c.close()
-    still_serves(ctx, "clients stalled in WRITE payloads went away")
+    stalled_writes_leave(ctx, stalled, "clients stalled in WRITE payloads went away")
 
 
 def case_slow_handshake(ctx):
