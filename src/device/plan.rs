@@ -394,13 +394,14 @@ impl Worker {
         // if the overlay had been cut short. Zeroing the last sector without
         // KEEP_SIZE makes the file reach it; what lies before reads as
         // zeros. (A WRITE there makes the file reach its end the same way.)
-        let reach = match &self.cow {
-            Some(cow) => cow.data_offset + end * SECTOR,
-            None => 0,
-        };
-        let short = match reach {
-            0 => false,
-            _ => match self.main.metadata() {
+        // The file only grows while served: only a range past its length at
+        // open needs a look at its length now.
+        let reach = self
+            .cow
+            .as_ref()
+            .map_or(0, |c| c.data_offset + end * SECTOR);
+        let short = reach > self.main_len
+            && match self.main.metadata() {
                 Ok(m) => m.len() < reach,
                 Err(e) => {
                     // Ops of a partial-sector merge may be in flight: the
@@ -410,8 +411,7 @@ impl Worker {
                     }
                     return;
                 }
-            },
-        };
+            };
         self.emit_fallocate(slot, mode, start..end);
         if short {
             self.emit_fallocate(slot, libc::FALLOC_FL_ZERO_RANGE, end - 1..end);

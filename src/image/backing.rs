@@ -14,7 +14,7 @@
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use serde::Serialize;
@@ -159,16 +159,12 @@ pub fn open_vetted(
         overlay: overlay.to_path_buf(),
         refusal,
     };
-    let mut flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let mut flags = libc::O_NOFOLLOW;
     if direct {
         flags |= libc::O_DIRECT;
     }
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags(flags)
-        .open(resolved)
-        .map_err(|e| io_err("cannot open", e))?;
+    let file =
+        super::open_nonblocking(resolved, write, flags).map_err(|e| io_err("cannot open", e))?;
     let meta = file.metadata().map_err(|e| io_err("cannot stat", e))?;
     if !meta.is_file() {
         return Err(refuse(Refusal::NotRegular {
@@ -177,13 +173,7 @@ pub fn open_vetted(
             kind: kind_of(meta.file_type()),
         }));
     }
-    // io_uring would return EAGAIN instead of waiting on an O_NONBLOCK file.
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let status = fcntl(&file, FcntlArg::F_GETFL)
-        .map_err(|e| io_err("cannot read the file status flags of", e.into()))?;
-    let status = OFlag::from_bits_retain(status) & !OFlag::O_NONBLOCK;
-    fcntl(&file, FcntlArg::F_SETFL(status))
-        .map_err(|e| io_err("cannot set the file status flags of", e.into()))?;
+    super::blocking_again(&file).map_err(|e| io_err("cannot set the file status flags of", e))?;
     if let Some(dir) = dir {
         let dir = canonical_dir(dir)?;
         let at = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))

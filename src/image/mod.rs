@@ -110,21 +110,31 @@ pub fn next_data(file: &File, at: u64, limit: u64) -> u64 {
     }
 }
 
-/// Opens the image file `path` (the overlay or raw image a verb was given),
-/// read-only or read-write, with O_DIRECT for `direct`, and refuses anything
-/// but a regular file or a block device: a FIFO would make the open hang (it
-/// is opened without blocking), and a directory, character device or socket
-/// holds no disk.
-pub(crate) fn open_image(path: &Path, write: bool, direct: bool) -> io::Result<File> {
-    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    let file = std::fs::OpenOptions::new()
+/// Opens `path` read-only or read-write with `flags` added, without
+/// blocking: a FIFO would make the open hang. The caller checks what it
+/// opened, then calls [`blocking_again`].
+pub(crate) fn open_nonblocking(path: &Path, write: bool, flags: i32) -> io::Result<File> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(write)
-        .custom_flags(flags)
-        .open(path)?;
+        .custom_flags(flags | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+}
+
+/// Clears the O_NONBLOCK [`open_nonblocking`] set: io_uring would return
+/// EAGAIN instead of waiting on such a file.
+pub(crate) fn blocking_again(file: &File) -> io::Result<()> {
+    let status = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?) & !OFlag::O_NONBLOCK;
+    fcntl(file, FcntlArg::F_SETFL(status))?;
+    Ok(())
+}
+
+/// Opens the image file `path` (the overlay or raw image a verb was given),
+/// read-only or read-write, with O_DIRECT for `direct`, and refuses anything
+/// but a regular file or a block device: a directory, character device or
+/// socket holds no disk (and a FIFO is opened without blocking).
+pub(crate) fn open_image(path: &Path, write: bool, direct: bool) -> io::Result<File> {
+    let file = open_nonblocking(path, write, if direct { libc::O_DIRECT } else { 0 })?;
     let file_type = file.metadata()?.file_type();
     if !file_type.is_file() && !file_type.is_block_device() {
         return Err(io::Error::new(
@@ -135,9 +145,7 @@ pub(crate) fn open_image(path: &Path, write: bool, direct: bool) -> io::Result<F
             ),
         ));
     }
-    // io_uring would return EAGAIN instead of waiting on an O_NONBLOCK file.
-    let status = OFlag::from_bits_retain(fcntl(&file, FcntlArg::F_GETFL)?) & !OFlag::O_NONBLOCK;
-    fcntl(&file, FcntlArg::F_SETFL(status))?;
+    blocking_again(&file)?;
     Ok(file)
 }
 
